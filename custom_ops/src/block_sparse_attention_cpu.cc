@@ -1,0 +1,433 @@
+// Block-sparse attention, CPU float32 kernel (flash-attention style, online
+// softmax over the kept key blocks). See block_sparse_attention.h.
+#include "block_sparse_attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <new>
+#include <sstream>
+
+namespace onnxprune {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+const char* type_name(int32_t t) {
+  switch (t) {
+    case 0: return "undefined";
+    case 1: return "float32";
+    case 2: return "uint8";
+    case 3: return "int8";
+    case 4: return "uint16";
+    case 5: return "int16";
+    case 6: return "int32";
+    case 7: return "int64";
+    case 8: return "string";
+    case 9: return "bool";
+    case 10: return "float16";
+    case 11: return "float64";
+    case 12: return "uint32";
+    case 13: return "uint64";
+    case 16: return "bfloat16";
+    default: return "other";
+  }
+}
+
+std::string type_str(int32_t t) {
+  std::ostringstream os;
+  os << type_name(t) << " (element type " << t << ")";
+  return os.str();
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
+  std::ostringstream err;
+  const char* prefix = "BlockSparseAttention: ";
+
+  // Attributes.
+  if (d.block_size != 16 && d.block_size != 32 && d.block_size != 64 && d.block_size != 128) {
+    err << prefix << "unsupported block_size " << d.block_size << " (supported: 16, 32, 64, 128)";
+    return err.str();
+  }
+  if (d.is_causal != 0 && d.is_causal != 1) {
+    err << prefix << "is_causal must be 0 or 1, got " << d.is_causal;
+    return err.str();
+  }
+
+  // Element types.
+  struct TypeCheck {
+    const char* name;
+    int32_t got;
+    int32_t want;
+  };
+  const TypeCheck checks[] = {{"Q", d.q_type, kElemFloat},
+                              {"K", d.k_type, kElemFloat},
+                              {"V", d.v_type, kElemFloat},
+                              {"layout", d.layout_type, kElemUint8}};
+  for (const auto& c : checks) {
+    if (c.got != c.want) {
+      err << prefix << "input " << c.name << " must be " << type_name(c.want) << ", got "
+          << type_str(c.got);
+      return err.str();
+    }
+  }
+  if (d.has_attn_mask && d.attn_mask_type != kElemBool && d.attn_mask_type != kElemFloat) {
+    err << prefix << "attn_mask must be bool or float32, got " << type_str(d.attn_mask_type);
+    return err.str();
+  }
+  if (d.has_key_padding_mask && d.key_padding_mask_type != kElemBool &&
+      d.key_padding_mask_type != kElemInt64) {
+    err << prefix << "key_padding_mask must be bool or int64, got "
+        << type_str(d.key_padding_mask_type);
+    return err.str();
+  }
+
+  // Ranks.
+  struct RankCheck {
+    const char* name;
+    const std::vector<int64_t>* shape;
+    size_t rank;
+    const char* form;
+  };
+  const RankCheck ranks[] = {{"Q", &d.q_shape, 4, "[B, Hq, Sq, D]"},
+                             {"K", &d.k_shape, 4, "[B, Hkv, Sk, D]"},
+                             {"V", &d.v_shape, 4, "[B, Hkv, Sk, Dv]"},
+                             {"layout", &d.layout_shape, 3, "[Hl, Mq, Mk]"}};
+  for (const auto& r : ranks) {
+    if (r.shape->size() != r.rank) {
+      err << prefix << "input " << r.name << " must have rank " << r.rank << " " << r.form
+          << ", got shape " << shape_str(*r.shape);
+      return err.str();
+    }
+    for (int64_t x : *r.shape) {
+      if (x < 0) {
+        err << prefix << "input " << r.name << " has a negative dimension: " << shape_str(*r.shape);
+        return err.str();
+      }
+    }
+  }
+
+  const auto& qs = d.q_shape;
+  const auto& ks = d.k_shape;
+  const auto& vs = d.v_shape;
+  const auto& ls = d.layout_shape;
+  BsaParams p;
+  p.B = qs[0];
+  p.Hq = qs[1];
+  p.Sq = qs[2];
+  p.D = qs[3];
+  p.Hkv = ks[1];
+  p.Sk = ks[2];
+  p.Dv = vs[3];
+  p.Hl = ls[0];
+  p.Mq = ls[1];
+  p.Mk = ls[2];
+  p.block_size = d.block_size;
+  p.is_causal = d.is_causal != 0;
+
+  if (ks[0] != p.B) {
+    err << prefix << "batch size mismatch: Q " << shape_str(qs) << " has B=" << p.B << " but K "
+        << shape_str(ks) << " has B=" << ks[0];
+    return err.str();
+  }
+  if (ks[3] != p.D) {
+    err << prefix << "head size mismatch: Q " << shape_str(qs) << " has D=" << p.D << " but K "
+        << shape_str(ks) << " has D=" << ks[3];
+    return err.str();
+  }
+  if (p.Hkv == 0 ? p.Hq != 0 : p.Hq % p.Hkv != 0) {
+    err << prefix << "number of query heads Hq=" << p.Hq
+        << " must be a multiple of the number of key/value heads Hkv=" << p.Hkv << " (Q "
+        << shape_str(qs) << ", K " << shape_str(ks) << ")";
+    return err.str();
+  }
+  if (vs[0] != p.B || vs[1] != p.Hkv || vs[2] != p.Sk) {
+    err << prefix << "V shape " << shape_str(vs) << " does not match K shape " << shape_str(ks)
+        << " (expected [" << p.B << ", " << p.Hkv << ", " << p.Sk << ", Dv])";
+    return err.str();
+  }
+  if (p.Hl != 1 && p.Hl != p.Hq) {
+    err << prefix << "layout " << shape_str(ls) << " has Hl=" << p.Hl << " heads; expected 1 or Hq="
+        << p.Hq;
+    return err.str();
+  }
+  if (p.Sq > p.Mq * p.block_size) {
+    err << prefix << "Sq=" << p.Sq << " exceeds the layout's query blocks: Mq=" << p.Mq
+        << " * block_size=" << p.block_size << " = " << p.Mq * p.block_size << " (layout "
+        << shape_str(ls) << ")";
+    return err.str();
+  }
+  if (p.Sk > p.Mk * p.block_size) {
+    err << prefix << "Sk=" << p.Sk << " exceeds the layout's key blocks: Mk=" << p.Mk
+        << " * block_size=" << p.block_size << " = " << p.Mk * p.block_size << " (layout "
+        << shape_str(ls) << ")";
+    return err.str();
+  }
+
+  // attn_mask: numpy broadcasting (right-aligned) to [B, Hq, Sq, Sk].
+  if (d.has_attn_mask) {
+    const auto& ms = d.attn_mask_shape;
+    const int64_t target[4] = {p.B, p.Hq, p.Sq, p.Sk};
+    bool ok = ms.size() <= 4;
+    if (ok) {
+      const size_t off = 4 - ms.size();
+      int64_t stride = 1;
+      for (int a = 3; a >= 0; --a) {
+        if (a < static_cast<int>(off)) {
+          p.mask_strides[a] = 0;
+          continue;
+        }
+        const int64_t dim = ms[a - off];
+        if (dim == target[a]) {
+          p.mask_strides[a] = dim == 1 ? 0 : stride;
+        } else if (dim == 1) {
+          p.mask_strides[a] = 0;
+        } else {
+          ok = false;
+          break;
+        }
+        stride *= dim;
+      }
+    }
+    if (!ok) {
+      err << prefix << "attn_mask shape " << shape_str(ms)
+          << " is not broadcastable to [B, Hq, Sq, Sk] = "
+          << shape_str({p.B, p.Hq, p.Sq, p.Sk});
+      return err.str();
+    }
+    p.mask_kind = d.attn_mask_type == kElemBool ? MaskKind::kBool : MaskKind::kFloat;
+  }
+
+  if (d.has_key_padding_mask) {
+    const auto& ps = d.key_padding_mask_shape;
+    if (ps.size() != 2 || ps[0] != p.B || ps[1] != p.Sk) {
+      err << prefix << "key_padding_mask shape " << shape_str(ps) << " must be [B, Sk] = "
+          << shape_str({p.B, p.Sk});
+      return err.str();
+    }
+    p.padding_kind = d.key_padding_mask_type == kElemBool ? PaddingKind::kBool : PaddingKind::kInt64;
+  }
+
+  if (d.has_scale) {
+    p.scale = d.scale;
+  } else {
+    p.scale = p.D > 0 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.D))) : 1.0f;
+  }
+
+  *out = p;
+  return std::string();
+}
+
+size_t bsa_num_tasks(const BsaParams& p) {
+  if (p.block_size <= 0) return 0;
+  return static_cast<size_t>(p.B * p.Hq * ceil_div(p.Sq, p.block_size));
+}
+
+namespace {
+
+struct TaskShared {
+  const BsaParams* p;
+  std::atomic<bool> failed{false};
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One task: batch b, query head h, query block qb.
+void run_task(const BsaParams& p, size_t task) {
+  const int64_t bs = p.block_size;
+  const int64_t D = p.D, Dv = p.Dv, Sq = p.Sq, Sk = p.Sk;
+  const int64_t nqb = ceil_div(Sq, bs);
+  const int64_t nkb = ceil_div(Sk, bs);
+  const int64_t t = static_cast<int64_t>(task);
+  const int64_t qb = t % nqb;
+  const int64_t h = (t / nqb) % p.Hq;
+  const int64_t b = t / (nqb * p.Hq);
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t i0 = qb * bs;
+  const int64_t rows = std::min(bs, Sq - i0);
+  const int64_t last_row = i0 + rows - 1;
+
+  // Per-thread scratch: packed K^T block [D, bs], score tile [bs, bs],
+  // accumulator [bs, Dv], running max / sum [bs], key bias [bs].
+  thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>(D * bs + bs * bs + bs * Dv + 3 * bs);
+  if (scratch.size() < need) scratch.resize(need);
+  float* kt = scratch.data();
+  float* st = kt + D * bs;
+  float* acc = st + bs * bs;
+  float* mrow = acc + bs * Dv;
+  float* lrow = mrow + bs;
+  float* kbias = lrow + bs;
+
+  std::fill(acc, acc + rows * Dv, 0.0f);
+  std::fill(mrow, mrow + rows, kNegInf);
+  std::fill(lrow, lrow + rows, 0.0f);
+
+  const float* qblk = p.q + ((b * p.Hq + h) * Sq + i0) * D;
+  const float* kbase = p.k + (b * p.Hkv + hk) * Sk * D;
+  const float* vbase = p.v + (b * p.Hkv + hk) * Sk * Dv;
+  const uint8_t* lay = p.layout + ((p.Hl == 1 ? 0 : h) * p.Mq + qb) * p.Mk;
+  const float scale = p.scale;
+
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t j0 = kb * bs;
+    if (p.is_causal && j0 > last_row) break;  // this and all later blocks fully masked
+    if (!lay[kb]) continue;
+    const int64_t cols = std::min(bs, Sk - j0);
+
+    // Key padding -> per-column bias (0 or -inf).
+    bool any_key = false;
+    if (p.padding_kind == PaddingKind::kNone) {
+      std::fill(kbias, kbias + cols, 0.0f);
+      any_key = true;
+    } else if (p.padding_kind == PaddingKind::kBool) {
+      const uint8_t* pm = static_cast<const uint8_t*>(p.key_padding_mask) + b * Sk + j0;
+      for (int64_t c = 0; c < cols; ++c) {
+        kbias[c] = pm[c] ? 0.0f : kNegInf;
+        any_key |= pm[c] != 0;
+      }
+    } else {
+      const int64_t* pm = static_cast<const int64_t*>(p.key_padding_mask) + b * Sk + j0;
+      for (int64_t c = 0; c < cols; ++c) {
+        kbias[c] = pm[c] ? 0.0f : kNegInf;
+        any_key |= pm[c] != 0;
+      }
+    }
+    if (!any_key) continue;
+
+    // Pack K block transposed: kt[d * bs + c] = K[j0 + c, d].
+    const float* kblk = kbase + j0 * D;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* krow = kblk + c * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = krow[d];
+    }
+
+    // Score tile: st[r, c] = scale * <Q[i0 + r], K[j0 + c]> + kbias[c].
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = st + r * bs;
+      const float* qrow = qblk + r * D;
+      std::fill(srow, srow + cols, 0.0f);
+      for (int64_t d = 0; d < D; ++d) {
+        const float qv = qrow[d];
+        const float* ktrow = kt + d * bs;
+        for (int64_t c = 0; c < cols; ++c) srow[c] += qv * ktrow[c];
+      }
+      for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * scale + kbias[c];
+    }
+
+    // Causal masking inside the tile (key j > query i).
+    if (p.is_causal && j0 + cols - 1 > i0) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t first_masked = std::max<int64_t>(i0 + r + 1 - j0, 0);
+        float* srow = st + r * bs;
+        for (int64_t c = first_masked; c < cols; ++c) srow[c] = kNegInf;
+      }
+    }
+
+    // attn_mask.
+    if (p.mask_kind != MaskKind::kNone) {
+      const int64_t* ms = p.mask_strides;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* srow = st + r * bs;
+        const int64_t off = b * ms[0] + h * ms[1] + (i0 + r) * ms[2] + j0 * ms[3];
+        const int64_t sj = ms[3];
+        if (p.mask_kind == MaskKind::kBool) {
+          const uint8_t* mrowp = static_cast<const uint8_t*>(p.attn_mask) + off;
+          for (int64_t c = 0; c < cols; ++c)
+            if (!mrowp[c * sj]) srow[c] = kNegInf;
+        } else {
+          const float* mrowp = static_cast<const float*>(p.attn_mask) + off;
+          for (int64_t c = 0; c < cols; ++c) srow[c] += mrowp[c * sj];
+        }
+      }
+    }
+
+    // Online softmax update.
+    const float* vblk = vbase + j0 * Dv;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = st + r * bs;
+      float bmax = kNegInf;
+      for (int64_t c = 0; c < cols; ++c) bmax = std::max(bmax, srow[c]);
+      if (bmax == kNegInf) continue;  // nothing to attend to in this block
+      const float m_old = mrow[r];
+      const float m_new = std::max(m_old, bmax);  // finite (or +inf / NaN from the mask)
+      // m_old == -inf -> alpha = 0 (accumulator is still zero anyway).
+      const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+      float sum = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float e = srow[c] == kNegInf ? 0.0f : std::exp(srow[c] - m_new);
+        srow[c] = e;
+        sum += e;
+      }
+      float* arow = acc + r * Dv;
+      if (alpha != 1.0f)
+        for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float pc = srow[c];
+        if (pc == 0.0f) continue;
+        const float* vrow = vblk + c * Dv;
+        for (int64_t d = 0; d < Dv; ++d) arow[d] += pc * vrow[d];
+      }
+      lrow[r] = lrow[r] * alpha + sum;
+      mrow[r] = m_new;
+    }
+  }
+
+  // Normalise; rows that never saw a finite score are exactly zero.
+  float* yblk = p.y + ((b * p.Hq + h) * Sq + i0) * Dv;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yrow = yblk + r * Dv;
+    const float* arow = acc + r * Dv;
+    if (mrow[r] == kNegInf || !(lrow[r] > 0.0f)) {
+      std::fill(yrow, yrow + Dv, 0.0f);
+    } else {
+      const float inv = 1.0f / lrow[r];
+      for (int64_t d = 0; d < Dv; ++d) yrow[d] = arow[d] * inv;
+    }
+  }
+}
+
+void task_entry(void* data, size_t index) {
+  auto* shared = static_cast<TaskShared*>(data);
+  try {
+    run_task(*shared->p, index);
+  } catch (...) {
+    shared->failed.store(true, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace
+
+std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx) {
+  const size_t total = bsa_num_tasks(p);
+  if (total == 0 || p.Dv == 0) return std::string();
+  if (p.Sk == 0) {  // no keys at all: every row is fully masked
+    std::fill(p.y, p.y + p.B * p.Hq * p.Sq * p.Dv, 0.0f);
+    return std::string();
+  }
+  TaskShared shared;
+  shared.p = &p;
+  if (pf == nullptr || total == 1) {
+    for (size_t i = 0; i < total; ++i) task_entry(&shared, i);
+  } else if (!pf(pf_ctx, total, &task_entry, &shared)) {
+    return "BlockSparseAttention: parallel execution failed";
+  }
+  if (shared.failed.load()) return "BlockSparseAttention: kernel failed (out of memory?)";
+  return std::string();
+}
+
+}  // namespace onnxprune

@@ -1,0 +1,126 @@
+"""What every attention-site rule shares: the description of a matched site and its rewrite."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _ir_utils, pattern
+
+from onnxprune import op_schema
+
+
+@dataclasses.dataclass
+class SiteMatch:
+    """One attention site as a rule found it in the graph.
+
+    ``k`` is ``[B, Hkv, Sk, D]``; when the graph only has Kᵀ (``[B, H, D, Sk]``), ``k`` is None and
+    ``k_transposed`` holds it. ``probs`` is the post-softmax value when the graph has one.
+    """
+
+    name: str
+    form: str
+    q: ir.Value
+    k: ir.Value | None
+    k_transposed: ir.Value | None
+    v: ir.Value
+    scale: float
+    mask: ir.Value | None = None
+    is_causal: bool = False
+    probs: ir.Value | None = None
+
+    @property
+    def num_heads(self) -> int | None:
+        dim = self.q.shape[1] if self.q.shape is not None else None
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def head_size(self) -> int | None:
+        dim = self.q.shape[3] if self.q.shape is not None else None
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def mask_kind(self) -> str | None:
+        if self.mask is None:
+            return None
+        return "bool" if self.mask.dtype == ir.DataType.BOOL else "float"
+
+
+@dataclasses.dataclass
+class SiteLayouts:
+    """The layouts a prune assigns: ``layouts[site]`` is uint8 ``[Hl, Mq, Mk]``."""
+
+    block_size: int
+    layouts: dict[str, np.ndarray]
+
+
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The number a constant single-element tensor holds, else None."""
+    return _ir_utils.get_singleton_value(value)
+
+
+def scale_factor(kind: str, value: ir.Value | None) -> float | None:
+    """The factor a ``Mul``/``Div`` by a constant applies; 1 for no op; None if not constant."""
+    if kind == "None":
+        return 1.0
+    number = scalar_constant(value)
+    if number is None or number == 0:
+        return None
+    return float(number) if kind == "Mul" else 1.0 / float(number)
+
+
+def check_qkv(q: ir.Value, v: ir.Value) -> pattern.MatchResult:
+    """The kernel's requirements on Q and V: float32, rank 4."""
+    result = pattern.MatchResult()
+    for name, value in (("Q", q), ("V", v)):
+        if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
+            return result.fail(f"{name} is {value.dtype.name}, the CPU kernel takes float32", value)
+        if value.shape is None:
+            return result.fail(f"shape of {name} unknown", value)
+        if len(value.shape) != 4:
+            return result.fail(f"{name} has rank {len(value.shape)}, not 4 ([B, H, S, D])", value)
+    return result
+
+
+def node_name(value: ir.Value) -> str:
+    producer = value.producer()
+    assert producer is not None and producer.name, "sites are named after their nodes"
+    return producer.name
+
+
+def transposed_key(value: ir.Value) -> ir.Value | None:
+    """K when ``value`` is ``Transpose(K, perm=[0, 1, 3, 2])``: no second transpose needed."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    perm = producer.attributes.get("perm")
+    if perm is None or list(perm.as_ints()) != [0, 1, 3, 2]:
+        return None
+    return producer.inputs[0]
+
+
+def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Value:
+    """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout."""
+    layout = np.ascontiguousarray(spec.layouts[site.name], dtype=np.uint8)
+    layout_value = op.initializer(ir.tensor(layout, name=op_schema.layout_name(site.name)))
+    k = site.k
+    if k is None:
+        k = transposed_key(site.k_transposed)
+    if k is None:
+        k = op.Transpose(site.k_transposed, perm=[0, 1, 3, 2])
+    inputs = [site.q, k, site.v, layout_value]
+    if site.mask is not None:
+        inputs.append(site.mask)
+    return op.BlockSparseAttention(
+        *inputs,
+        block_size=spec.block_size,
+        scale=float(site.scale),
+        is_causal=int(site.is_causal),
+        _domain=op_schema.DOMAIN,
+    )
+
+
+def default_scale(head_size: int | None) -> float | None:
+    return None if head_size is None else 1.0 / math.sqrt(head_size)

@@ -1,0 +1,76 @@
+"""ONNX Runtime sessions with onnxprune's custom-op library registered."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxprune.errors import OnnxpruneError
+
+_LIBRARY_NAME = "libonnxprune_ops.so"
+
+
+def _candidates() -> list[Path]:
+    package_dir = Path(__file__).resolve().parent
+    found = []
+    if os.environ.get("ONNXPRUNE_LIBRARY"):
+        found.append(Path(os.environ["ONNXPRUNE_LIBRARY"]))
+    import onnxprune
+
+    # The installed package (also the redirect of an editable install) holds lib/.
+    for entry in getattr(onnxprune, "__path__", [str(package_dir)]):
+        found.append(Path(entry) / "lib" / _LIBRARY_NAME)
+    return found
+
+
+def library_path() -> str:
+    """Path of ``libonnxprune_ops.so``, the custom-op library built with the package.
+
+    ``ONNXPRUNE_LIBRARY`` overrides it (a library built by hand, say).
+    """
+    for candidate in _candidates():
+        if candidate.is_file():
+            return str(candidate)
+    raise OnnxpruneError(
+        "onnxprune's custom-op library is not built (looked in "
+        + ", ".join(str(c) for c in _candidates())
+        + "); install the package with `pip install .` or run `make install`"
+    )
+
+
+def session_options(threads: int | None = None, with_library: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if with_library:
+        options.register_custom_ops_library(library_path())
+    return options
+
+
+def session(
+    path_or_bytes: str | os.PathLike | bytes,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    with_library: bool = True,
+    options=None,
+):
+    """An ``onnxruntime.InferenceSession`` with the library registered.
+
+    The pruned file also runs without the library (the op's function body): pass
+    ``with_library=False`` to get that dense-speed fallback.
+    """
+    import onnxruntime as ort
+
+    if options is None:
+        options = session_options(threads, with_library)
+    elif with_library:
+        options.register_custom_ops_library(library_path())
+    source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # ORT raises its own exception types for bad models
+        raise OnnxpruneError(f"ONNX Runtime cannot load the model: {e}".splitlines()[0]) from None

@@ -1,0 +1,114 @@
+"""Calibration statistics: per-site sums of pooled attention probabilities, and their counts.
+
+Stored as safetensors (no pickle). Sums and counts add, so statistics of several runs merge by
+adding (``Stats.merge``). Cell ``(h, a, b)`` pools query positions ``[a·g, (a+1)·g)`` and key
+positions ``[b·g, (b+1)·g)``; ``count[a, b]`` is the number of valid (query, key) pairs summed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from onnxprune import __version__
+from onnxprune.errors import OnnxpruneError
+from onnxprune.model_io import atomic_path
+
+
+@dataclasses.dataclass
+class Stats:
+    granularity: int
+    max_length: int
+    model_sha256: str
+    sites: list[str]
+    sums: dict[str, np.ndarray]  # float64 [H, Lg, Lg]
+    counts: dict[str, np.ndarray]  # float64 [Lg, Lg]
+    lengths: np.ndarray  # int64 [max_length + 1]: how many inputs had each valid length
+    num_samples: int = 0
+
+    @property
+    def cells(self) -> int:
+        return -(-self.max_length // self.granularity)
+
+    @classmethod
+    def empty(cls, sites: dict[str, int], granularity: int, max_length: int, model_sha256: str) -> Stats:
+        """``sites`` maps each site name to its number of heads."""
+        lg = -(-max_length // granularity)
+        return cls(
+            granularity=granularity,
+            max_length=max_length,
+            model_sha256=model_sha256,
+            sites=list(sites),
+            sums={s: np.zeros((h, lg, lg)) for s, h in sites.items()},
+            counts={s: np.zeros((lg, lg)) for s in sites},
+            lengths=np.zeros(max_length + 1, dtype=np.int64),
+        )
+
+    def mean(self, site: str) -> np.ndarray:
+        """Average attention probability per head and cell (0 where nothing was seen)."""
+        count = self.counts[site]
+        return np.divide(self.sums[site], count, out=np.zeros_like(self.sums[site]), where=count > 0)
+
+    def merge(self, other: Stats) -> Stats:
+        if (self.granularity, self.max_length) != (other.granularity, other.max_length):
+            raise OnnxpruneError(
+                f"cannot merge statistics of granularity/max length {self.granularity}/{self.max_length} "
+                f"with {other.granularity}/{other.max_length}"
+            )
+        if self.model_sha256 != other.model_sha256 or self.sites != other.sites:
+            raise OnnxpruneError("cannot merge statistics computed for different models")
+        return dataclasses.replace(
+            self,
+            sums={s: self.sums[s] + other.sums[s] for s in self.sites},
+            counts={s: self.counts[s] + other.counts[s] for s in self.sites},
+            lengths=self.lengths + other.lengths,
+            num_samples=self.num_samples + other.num_samples,
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {"lengths": self.lengths}
+        for i, site in enumerate(self.sites):
+            # Site names can hold any character; tensors are keyed by index, names go in metadata.
+            tensors[f"site{i}.sum"] = self.sums[site]
+            tensors[f"site{i}.count"] = self.counts[site]
+        metadata = {
+            "format": "onnxprune.stats/1",
+            "onnxprune_version": __version__,
+            "sites": json.dumps(self.sites),
+            "granularity": str(self.granularity),
+            "max_length": str(self.max_length),
+            "num_samples": str(self.num_samples),
+            "model_sha256": self.model_sha256,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Stats:
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(path):
+            raise OnnxpruneError(f"{path}: no such file")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "onnxprune.stats/1":
+                    raise OnnxpruneError(f"{path}: not an onnxprune statistics file")
+                sites = json.loads(meta["sites"])
+                return cls(
+                    granularity=int(meta["granularity"]),
+                    max_length=int(meta["max_length"]),
+                    model_sha256=meta["model_sha256"],
+                    sites=sites,
+                    sums={s: f.get_tensor(f"site{i}.sum") for i, s in enumerate(sites)},
+                    counts={s: f.get_tensor(f"site{i}.count") for i, s in enumerate(sites)},
+                    lengths=f.get_tensor("lengths"),
+                    num_samples=int(meta["num_samples"]),
+                )
+        except (SafetensorError, KeyError, ValueError, OSError) as e:
+            raise OnnxpruneError(f"{path}: not a readable statistics file ({e})") from None

@@ -1,0 +1,566 @@
+"""Tests of the CPU kernel of onnxprune.BlockSparseAttention (via onnxruntime)
+against the float64 numpy reference in bsa_reference.py."""
+
+import os
+import re
+import sys
+import zlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bsa_reference import block_sparse_attention_ref  # noqa: E402
+
+ATOL = 1e-5
+RTOL = 1e-4
+
+_ORT_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in (
+        "Fail",
+        "InvalidArgument",
+        "RuntimeException",
+        "InvalidGraph",
+        "NotImplemented",
+        "EngineError",
+    )
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+
+_NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+_INPUT_NAMES = ["Q", "K", "V", "layout", "attn_mask", "key_padding_mask"]
+
+
+def make_model(dtypes, block_size=None, scale=None, is_causal=None):
+    """One-node model. dtypes: list of 6 numpy dtypes or None (omitted input)."""
+    node_inputs, graph_inputs = [], []
+    for name, dt in zip(_INPUT_NAMES, dtypes):
+        if dt is None:
+            node_inputs.append("")
+        else:
+            node_inputs.append(name)
+            graph_inputs.append(helper.make_tensor_value_info(name, _NP_TO_ONNX[np.dtype(dt)], None))
+    while node_inputs and node_inputs[-1] == "":
+        node_inputs.pop()
+    attrs = {}
+    if block_size is not None:
+        attrs["block_size"] = block_size
+    if scale is not None:
+        attrs["scale"] = float(scale)
+    if is_causal is not None:
+        attrs["is_causal"] = int(is_causal)
+    node = helper.make_node(
+        "BlockSparseAttention", node_inputs, ["Y"], domain="onnxprune", **attrs
+    )
+    graph = helper.make_graph(
+        [node],
+        "bsa",
+        graph_inputs,
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnxprune", 1)],
+    )
+    model.ir_version = 8
+    return model
+
+
+def make_session(ops_library, model):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ops_library)
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(
+        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_op(ops_library, q, k, v, layout, block_size, scale=None, is_causal=None,
+           attn_mask=None, key_padding_mask=None):
+    arrays = [q, k, v, layout, attn_mask, key_padding_mask]
+    dtypes = [None if a is None else a.dtype for a in arrays]
+    sess = make_session(ops_library, make_model(dtypes, block_size, scale, is_causal))
+    feeds = {n: a for n, a in zip(_INPUT_NAMES, arrays) if a is not None}
+    return sess.run(None, feeds)[0]
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rand_inputs(rng, B, Hq, Hkv, Sq, Sk, D, Dv=None):
+    Dv = D if Dv is None else Dv
+    q = rng.standard_normal((B, Hq, Sq, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, Sk, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, Sk, Dv)).astype(np.float32)
+    return q, k, v
+
+
+def n_blocks(s, bs):
+    return -(-s // bs)
+
+
+def rand_layout(rng, Hl, Mq, Mk, p=0.5, keep_diag=True):
+    lay = (rng.random((Hl, Mq, Mk)) < p).astype(np.uint8)
+    if keep_diag:
+        for i in range(min(Mq, Mk)):
+            lay[:, i, i] = 1
+    return lay
+
+
+def check(ops_library, q, k, v, layout, block_size, scale=None, is_causal=False,
+          attn_mask=None, key_padding_mask=None, expect_dead_rows=None):
+    out = run_op(
+        ops_library, q, k, v, layout, block_size, scale=scale,
+        is_causal=int(is_causal) if is_causal else None,
+        attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+    )
+    ref = block_sparse_attention_ref(
+        q, k, v, layout, block_size, scale=scale, is_causal=is_causal,
+        attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+    )
+    assert out.dtype == np.float32
+    assert out.shape == ref.shape
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
+    # Rows without any attended key are exactly zero (V is random, so an
+    # all-zero reference row means "fully masked").
+    dead = np.all(ref == 0.0, axis=-1)
+    assert np.all(out[dead] == 0.0)
+    if expect_dead_rows is not None:
+        assert bool(dead.any()) == expect_dead_rows
+    return out, ref
+
+
+# --------------------------------------------------------------------------
+# Correctness
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("seq", [37, 100, 150])
+def test_block_sizes_and_ragged_lengths(ops_library, rng, bs, seq):
+    B, H, D = 1, 2, 16
+    q, k, v = rand_inputs(rng, B, H, H, seq, seq, D)
+    m = n_blocks(seq, bs)
+    layout = rand_layout(rng, H, m, m, p=0.6)
+    check(ops_library, q, k, v, layout, bs)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_single_block(ops_library, rng, bs):
+    q, k, v = rand_inputs(rng, 1, 2, 2, bs, bs, 8)
+    layout = np.ones((1, 1, 1), np.uint8)
+    check(ops_library, q, k, v, layout, bs)
+
+
+def test_single_partial_block(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 1, 1, 5, 5, 8)
+    check(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), 16)
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 45), (45, 20), (1, 100), (100, 1)])
+def test_cross_attention_shapes(ops_library, rng, sq, sk):
+    bs = 16
+    q, k, v = rand_inputs(rng, 2, 2, 2, sq, sk, 16)
+    layout = rand_layout(rng, 2, n_blocks(sq, bs), n_blocks(sk, bs), p=0.7)
+    check(ops_library, q, k, v, layout, bs)
+
+
+@pytest.mark.parametrize("hl", ["shared", "per_head"])
+def test_batch_and_layout_heads(ops_library, rng, hl):
+    B, H, S, D, bs = 3, 4, 70, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, 1 if hl == "shared" else H, m, m, p=0.5)
+    check(ops_library, q, k, v, layout, bs)
+
+
+def test_per_head_layout_differs(ops_library, rng):
+    # Head 0 sees only its diagonal block, head 1 everything.
+    B, H, S, D, bs = 1, 2, 64, 8, 32
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    layout = np.zeros((H, 2, 2), np.uint8)
+    layout[0] = np.eye(2, dtype=np.uint8)
+    layout[1] = 1
+    check(ops_library, q, k, v, layout, bs)
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_random_layout_with_missing_diagonal(ops_library, rng, bs):
+    B, H, S, D = 2, 3, 100, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, H, m, m, p=0.4, keep_diag=False)
+    layout[0, 0, :] = 0  # guaranteed fully masked query block
+    layout[1, :, 0] = 1
+    check(ops_library, q, k, v, layout, bs, expect_dead_rows=True)
+
+
+def test_empty_layout_gives_zeros(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 2, 2, 40, 40, 8)
+    layout = np.zeros((1, 3, 3), np.uint8)
+    out, _ = check(ops_library, q, k, v, layout, 16, expect_dead_rows=True)
+    assert np.all(out == 0.0)
+
+
+@pytest.mark.parametrize("kpm_dtype", [np.bool_, np.int64])
+def test_key_padding(ops_library, rng, kpm_dtype):
+    B, H, S, D, bs = 3, 2, 50, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, 1, m, m, p=0.7)
+    lengths = [S, 23, 0]  # batch row 2 fully padded -> zeros
+    kpm = np.zeros((B, S), dtype=kpm_dtype)
+    for b, n in enumerate(lengths):
+        kpm[b, :n] = 1
+    if kpm_dtype == np.int64:
+        kpm[0, 5] = 7  # any nonzero value means "valid"
+    out, _ = check(ops_library, q, k, v, layout, bs, key_padding_mask=kpm,
+                   expect_dead_rows=True)
+    assert np.all(out[2] == 0.0)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("sq,sk", [(100, 100), (37, 37), (20, 45), (45, 20)])
+def test_causal(ops_library, rng, bs, sq, sk):
+    H, D = 2, 16
+    q, k, v = rand_inputs(rng, 1, H, H, sq, sk, D)
+    layout = np.tril(np.ones((n_blocks(sq, bs), n_blocks(sk, bs)), np.uint8))[None]
+    check(ops_library, q, k, v, layout, bs, is_causal=True)
+
+
+def test_causal_with_sparse_layout_and_padding(ops_library, rng):
+    B, H, S, D, bs = 2, 2, 90, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, H, m, m, p=0.5, keep_diag=False)
+    kpm = np.ones((B, S), np.bool_)
+    kpm[1, :10] = False
+    check(ops_library, q, k, v, layout, bs, is_causal=True, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 3, 6])
+@pytest.mark.parametrize("hl", [1, 6])
+def test_grouped_query_heads(ops_library, rng, hkv, hl):
+    B, Hq, S, D, bs = 2, 6, 48, 16, 16
+    q, k, v = rand_inputs(rng, B, Hq, hkv, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, hl, m, m, p=0.6)
+    check(ops_library, q, k, v, layout, bs)
+
+
+def test_float_mask_bert_style(ops_library, rng):
+    B, H, S, D, bs = 3, 2, 60, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, 1, m, m, p=0.6)
+    mask = np.zeros((B, 1, 1, S), np.float32)
+    mask[0, ..., 40:] = -3.4e38
+    mask[1, ..., :] = -3.4e38  # every key "masked" with a finite value: uniform
+    check(ops_library, q, k, v, layout, bs, attn_mask=mask)
+
+
+def test_float_mask_finite_all_keys_is_uniform(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 1, 1, 20, 20, 8)
+    mask = np.full((1, 1, 1, 20), -3.4e38, np.float32)
+    out, _ = check(ops_library, q, k, v, np.ones((1, 2, 2), np.uint8), 16, attn_mask=mask)
+    np.testing.assert_allclose(out[0, 0], np.broadcast_to(v[0, 0].mean(0), (20, 8)),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_float_mask_full(ops_library, rng):
+    B, H, Sq, Sk, D, bs = 2, 2, 50, 70, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, H, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.6)
+    mask = rng.standard_normal((B, 1, Sq, Sk)).astype(np.float32) * 3
+    check(ops_library, q, k, v, layout, bs, attn_mask=mask)
+
+
+def test_float_mask_2d(ops_library, rng):
+    B, H, Sq, Sk, D, bs = 2, 3, 40, 33, 8, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, 1, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.8)
+    mask = rng.standard_normal((Sq, Sk)).astype(np.float32)
+    check(ops_library, q, k, v, layout, bs, attn_mask=mask)
+
+
+@pytest.mark.parametrize("shape", ["B1SqSk", "BHSqSk", "1HSq1", "Sk"])
+def test_float_mask_other_broadcasts(ops_library, rng, shape):
+    B, H, Sq, Sk, D, bs = 2, 3, 40, 33, 8, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, 1, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.8)
+    mshape = {"B1SqSk": (B, 1, Sq, Sk), "BHSqSk": (B, H, Sq, Sk), "1HSq1": (1, H, Sq, 1),
+              "Sk": (Sk,)}[shape]
+    mask = rng.standard_normal(mshape).astype(np.float32)
+    check(ops_library, q, k, v, layout, bs, attn_mask=mask)
+
+
+def test_float_mask_with_neg_inf(ops_library, rng):
+    B, H, Sq, Sk, D, bs = 2, 2, 45, 45, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, H, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.7)
+    mask = np.where(rng.random((B, 1, Sq, Sk)) < 0.3, -np.inf, 0.0).astype(np.float32)
+    mask[0, 0, 3, :] = -np.inf  # fully masked row
+    mask[1, 0, 10:20, :30] = -np.inf  # rows masked in some blocks only
+    out, _ = check(ops_library, q, k, v, layout, bs, attn_mask=mask, expect_dead_rows=True)
+    assert np.all(out[0, :, 3] == 0.0)
+
+
+def test_bool_mask(ops_library, rng):
+    B, H, Sq, Sk, D, bs = 2, 2, 45, 60, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, 1, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.7)
+    mask = rng.random((B, 1, Sq, Sk)) < 0.7
+    mask[1, 0, 7, :] = False  # fully masked row
+    out, _ = check(ops_library, q, k, v, layout, bs, attn_mask=mask, expect_dead_rows=True)
+    assert np.all(out[1, :, 7] == 0.0)
+
+
+def test_all_masks_combined(ops_library, rng):
+    B, Hq, Hkv, S, D, bs = 2, 4, 2, 75, 16, 32
+    q, k, v = rand_inputs(rng, B, Hq, Hkv, S, S, D, Dv=24)
+    layout = rand_layout(rng, Hq, n_blocks(S, bs), n_blocks(S, bs), p=0.6)
+    mask = (rng.standard_normal((B, 1, S, S)) * 2).astype(np.float32)
+    kpm = np.ones((B, S), np.int64)
+    kpm[0, 60:] = 0
+    check(ops_library, q, k, v, layout, bs, scale=0.2, is_causal=True, attn_mask=mask,
+          key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("scale", [None, 0.05, 1.0, -0.7])
+def test_scale_attribute(ops_library, rng, scale):
+    q, k, v = rand_inputs(rng, 1, 2, 2, 40, 40, 32)
+    layout = rand_layout(rng, 1, 3, 3, p=0.7)
+    check(ops_library, q, k, v, layout, 16, scale=scale)
+
+
+def test_scale_default_is_inv_sqrt_d(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 2, 2, 40, 40, 32)
+    layout = rand_layout(rng, 1, 3, 3, p=0.7)
+    a = run_op(ops_library, q, k, v, layout, 16)
+    b = run_op(ops_library, q, k, v, layout, 16, scale=1.0 / np.sqrt(32))
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("d,dv", [(8, 24), (32, 8), (16, 1)])
+def test_dv_differs_from_d(ops_library, rng, d, dv):
+    q, k, v = rand_inputs(rng, 2, 2, 1, 50, 50, d, Dv=dv)
+    layout = rand_layout(rng, 2, 4, 4, p=0.6)
+    check(ops_library, q, k, v, layout, 16)
+
+
+def test_layout_larger_than_needed(ops_library, rng):
+    bs = 16
+    q, k, v = rand_inputs(rng, 2, 2, 2, 37, 21, 16)
+    layout = rand_layout(rng, 2, 8, 6, p=0.6)  # covers 128 x 96 > 37 x 21
+    check(ops_library, q, k, v, layout, bs)
+
+
+def test_larger_problem(ops_library, rng):
+    B, Hq, Hkv, S, D, bs = 2, 4, 2, 300, 32, 32
+    q, k, v = rand_inputs(rng, B, Hq, Hkv, S, S, D)
+    m = n_blocks(S, bs)
+    layout = rand_layout(rng, Hq, m, m, p=0.3)
+    check(ops_library, q, k, v, layout, bs, is_causal=True)
+
+
+@pytest.mark.parametrize("b,sq,sk", [(1, 20, 0), (0, 20, 20), (1, 0, 20)])
+def test_empty_dimensions(ops_library, rng, b, sq, sk):
+    bs = 16
+    q, k, v = rand_inputs(rng, b, 2, 2, sq, sk, 8)
+    layout = np.ones((1, n_blocks(sq, bs), n_blocks(sk, bs)), np.uint8)
+    out = run_op(ops_library, q, k, v, layout, bs)
+    assert out.shape == (b, 2, sq, 8)
+    assert np.all(out == 0.0)
+
+
+def test_middle_optional_input_omitted(ops_library, rng):
+    # attn_mask omitted (empty name) while key_padding_mask is given.
+    B, H, S, D, bs = 2, 2, 40, 8, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    layout = rand_layout(rng, 1, 3, 3, p=0.8)
+    kpm = np.ones((B, S), np.bool_)
+    kpm[1, 20:] = False
+    model = make_model([q.dtype, k.dtype, v.dtype, layout.dtype, None, kpm.dtype], bs)
+    assert list(model.graph.node[0].input) == ["Q", "K", "V", "layout", "", "key_padding_mask"]
+    sess = make_session(ops_library, model)
+    out = sess.run(None, {"Q": q, "K": k, "V": v, "layout": layout, "key_padding_mask": kpm})[0]
+    ref = block_sparse_attention_ref(q, k, v, layout, bs, key_padding_mask=kpm)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_session_reuse_with_different_shapes(ops_library, rng):
+    bs = 16
+    model = make_model([np.float32] * 3 + [np.uint8, None, None], bs)
+    sess = make_session(ops_library, model)
+    layout = rand_layout(rng, 1, 8, 8, p=0.5)
+    for s in (5, 16, 17, 64, 127):
+        q, k, v = rand_inputs(rng, 1, 2, 2, s, s, 8)
+        out = sess.run(None, {"Q": q, "K": k, "V": v, "layout": layout})[0]
+        ref = block_sparse_attention_ref(q, k, v, layout, bs)
+        np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------
+# Errors: session.run raises an onnxruntime error naming the sizes.
+
+
+def _base(rng, B=2, Hq=4, Hkv=2, Sq=40, Sk=40, D=16, Dv=16, bs=16):
+    q, k, v = rand_inputs(rng, B, Hq, Hkv, Sq, Sk, D, Dv)
+    layout = np.ones((1, n_blocks(Sq, bs), n_blocks(Sk, bs)), np.uint8)
+    return dict(q=q, k=k, v=v, layout=layout)
+
+
+def _expect_error(ops_library, fragments, block_size=16, is_causal=None, scale=None, **arrays):
+    names = ["q", "k", "v", "layout", "attn_mask", "key_padding_mask"]
+    arrs = [arrays.get(n) for n in names]
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument) as excinfo:
+        run_op(ops_library, *arrs[:4], block_size, scale=scale, is_causal=is_causal,
+               attn_mask=arrs[4], key_padding_mask=arrs[5])
+    msg = str(excinfo.value)
+    for frag in fragments:
+        assert re.search(frag, msg), f"{frag!r} not in error message: {msg}"
+    return msg
+
+
+def test_error_sq_exceeds_layout(ops_library, rng):
+    a = _base(rng, Sq=40, Sk=40)
+    a["layout"] = np.ones((1, 2, 3), np.uint8)
+    _expect_error(ops_library, [r"Sq=40", r"Mq=2", r"32"], **a)
+
+
+def test_error_sk_exceeds_layout(ops_library, rng):
+    a = _base(rng, Sq=40, Sk=40)
+    a["layout"] = np.ones((1, 3, 2), np.uint8)
+    _expect_error(ops_library, [r"Sk=40", r"Mk=2", r"32"], **a)
+
+
+def test_error_q_rank(ops_library, rng):
+    a = _base(rng)
+    a["q"] = a["q"][0]
+    _expect_error(ops_library, [r"Q", r"rank 4", r"\[4, 40, 16\]"], **a)
+
+
+def test_error_layout_rank(ops_library, rng):
+    a = _base(rng)
+    a["layout"] = a["layout"][0]
+    _expect_error(ops_library, [r"layout", r"rank 3", r"\[3, 3\]"], **a)
+
+
+def test_error_batch_mismatch(ops_library, rng):
+    a = _base(rng, B=2)
+    a["k"] = np.concatenate([a["k"], a["k"]], axis=0)
+    a["v"] = np.concatenate([a["v"], a["v"]], axis=0)
+    _expect_error(ops_library, [r"B=2", r"B=4"], **a)
+
+
+def test_error_head_dim_mismatch(ops_library, rng):
+    a = _base(rng, D=16)
+    a["k"] = a["k"][..., :8].copy()
+    _expect_error(ops_library, [r"D=16", r"D=8"], **a)
+
+
+def test_error_heads_not_divisible(ops_library, rng):
+    a = _base(rng, Hq=6, Hkv=4)
+    _expect_error(ops_library, [r"Hq=6", r"Hkv=4"], **a)
+
+
+def test_error_layout_heads(ops_library, rng):
+    a = _base(rng, Hq=4, Hkv=2)
+    a["layout"] = np.ones((2, 3, 3), np.uint8)
+    _expect_error(ops_library, [r"Hl=2", r"Hq=4"], **a)
+
+
+def test_error_v_seq_mismatch(ops_library, rng):
+    a = _base(rng, Sk=40)
+    a["v"] = a["v"][:, :, :30].copy()
+    _expect_error(ops_library, [r"V shape \[2, 2, 30, 16\]", r"\[2, 2, 40, 16\]"], **a)
+
+
+def test_error_v_heads_mismatch(ops_library, rng):
+    a = _base(rng, Hq=4, Hkv=2)
+    a["v"] = a["v"][:, :1].copy()
+    _expect_error(ops_library, [r"\[2, 1, 40, 16\]"], **a)
+
+
+@pytest.mark.parametrize("mshape", [(2, 1, 40, 41), (3, 1, 1, 40), (2, 2, 40, 40), (1, 1, 1, 1, 40)])
+def test_error_mask_not_broadcastable(ops_library, rng, mshape):
+    a = _base(rng, B=2, Hq=4, Sq=40, Sk=40)
+    a["attn_mask"] = np.zeros(mshape, np.float32)
+    frag = re.escape("[" + ", ".join(map(str, mshape)) + "]")
+    _expect_error(ops_library, [frag, r"\[2, 4, 40, 40\]"], **a)
+
+
+@pytest.mark.parametrize("pshape", [(2, 41), (1, 40), (2, 1, 40), (40,)])
+def test_error_key_padding_shape(ops_library, rng, pshape):
+    a = _base(rng, B=2, Sk=40)
+    a["key_padding_mask"] = np.ones(pshape, np.bool_)
+    frag = re.escape("[" + ", ".join(map(str, pshape)) + "]")
+    _expect_error(ops_library, [frag, r"\[2, 40\]"], **a)
+
+
+@pytest.mark.parametrize("bs", [8, 24, 256, 0, -16])
+def test_error_block_size(ops_library, rng, bs):
+    a = _base(rng, bs=16)
+    _expect_error(ops_library, [r"block_size", str(bs)], block_size=bs, **a)
+
+
+def test_error_missing_block_size(ops_library, rng):
+    a = _base(rng)
+    _expect_error(ops_library, [r"block_size"], block_size=None, **a)
+
+
+def test_error_is_causal_value(ops_library, rng):
+    a = _base(rng)
+    _expect_error(ops_library, [r"is_causal", r"2"], is_causal=2, **a)
+
+
+@pytest.mark.parametrize("dt", [np.int32, np.float64, np.uint8])
+def test_error_attn_mask_dtype(ops_library, rng, dt):
+    a = _base(rng)
+    a["attn_mask"] = np.zeros((2, 1, 40, 40), dt)
+    _expect_error(ops_library, [r"attn_mask", r"bool or float32"], **a)
+
+
+@pytest.mark.parametrize("dt", [np.int32, np.float32])
+def test_error_key_padding_dtype(ops_library, rng, dt):
+    a = _base(rng)
+    a["key_padding_mask"] = np.ones((2, 40), dt)
+    _expect_error(ops_library, [r"key_padding_mask", r"bool or int64"], **a)
+
+
+@pytest.mark.parametrize("which", ["q", "layout"])
+def test_error_declared_dtype(ops_library, rng, which):
+    # Q/K/V/layout types are declared by the op, so ORT itself may reject the
+    # model when the session is created; either way an ORT error is raised.
+    a = _base(rng)
+    a[which] = a[which].astype(np.float64 if which == "q" else np.int32)
+    with pytest.raises(_ORT_ERRORS):
+        run_op(ops_library, a["q"], a["k"], a["v"], a["layout"], 16)
+
+
+def test_process_survives_errors(ops_library, rng):
+    a = _base(rng)
+    bad = dict(a)
+    bad["layout"] = np.ones((1, 1, 1), np.uint8)
+    model = make_model([np.float32] * 3 + [np.uint8, None, None], 16)
+    sess = make_session(ops_library, model)
+    feeds = {"Q": a["q"], "K": a["k"], "V": a["v"]}
+    for _ in range(3):
+        with pytest.raises(_ORT_ERRORS):
+            sess.run(None, dict(feeds, layout=bad["layout"]))
+    out = sess.run(None, dict(feeds, layout=a["layout"]))[0]
+    ref = block_sparse_attention_ref(a["q"], a["k"], a["v"], a["layout"], 16)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
