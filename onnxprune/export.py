@@ -27,25 +27,42 @@ class ExportReport:
 
 
 def _hidden_state_wrapper(model, input_names: list[str]):
+    """A module whose forward takes the inputs by name and returns the last hidden state.
+
+    Named parameters (not ``*args``) keep the exported graph's input names and let
+    ``dynamic_shapes`` refer to them.
+    """
     import torch
 
     accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
 
-    class LastHiddenState(torch.nn.Module):
-        """forward(input_ids, attention_mask[, token_type_ids]) → last hidden state."""
+    def hidden(**kwargs):
+        if accepts_cache:
+            kwargs["use_cache"] = False
+        out = model(**kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+    class WithTokenTypes(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, *args):
-            kwargs = dict(zip(input_names, args))
-            if accepts_cache:
-                kwargs["use_cache"] = False
-            out = self.model(**kwargs)
-            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return hidden(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
-    return LastHiddenState().eval()
+    class WithoutTokenTypes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return hidden(input_ids=input_ids, attention_mask=attention_mask)
+
+    if input_names == ["input_ids", "attention_mask", "token_type_ids"]:
+        return WithTokenTypes().eval()
+    if input_names == ["input_ids", "attention_mask"]:
+        return WithoutTokenTypes().eval()
+    raise OnnxpruneError(f"the model's forward takes {input_names}; expected input_ids and attention_mask")
 
 
 def _from_directory(model_dir: Path, seq_len: int, attn: str):

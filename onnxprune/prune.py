@@ -69,13 +69,13 @@ def prune(
     stats_sha256: str = "",
 ) -> tuple[ir.Model, PruneReport]:
     """The pruned model (in memory) and its report. ``save_model`` writes it."""
+    model = load_ir(model_path)  # first: a missing or malformed file is the clearest error
     model_sha = file_sha256(model_path)
     if stats.model_sha256 != model_sha:
         raise OnnxpruneError(
             f"the statistics were computed for another model (sha256 {stats.model_sha256[:12]}…, "
             f"{model_path} has {model_sha[:12]}…); run calibrate on this model"
         )
-    model = load_ir(model_path)
     discovery = find_sites(model)
     names = [s.name for s in discovery.sites]
     if not names:

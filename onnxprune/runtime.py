@@ -43,6 +43,8 @@ def session_options(threads: int | None = None, with_library: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # Failures reach the caller as exceptions; ORT's own error log would print them twice.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

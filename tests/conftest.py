@@ -10,3 +10,102 @@ from onnxprune.runtime import library_path
 @pytest.fixture(scope="session")
 def ops_library() -> str:
     return library_path()
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny random-init HF models, exported once per session.
+
+#: (exporter, attn_implementation, opset) per form of attention the rules know.
+EXPORTS = {
+    "dynamo-eager-20": ("dynamo", "eager", 20),
+    "dynamo-sdpa-20": ("dynamo", "sdpa", 20),
+    "dynamo-sdpa-23": ("dynamo", "sdpa", 23),
+    "torchscript-eager-17": ("torchscript", "eager", 17),
+}
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_VOCAB = 100
+TINY_MAX_LENGTH = 64
+
+
+def _tiny_hf_model(arch: str, attn: str):
+    import torch
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        config = BertConfig(
+            hidden_size=32, num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, intermediate_size=64,
+            vocab_size=TINY_VOCAB, max_position_embeddings=TINY_MAX_LENGTH, attn_implementation=attn,
+        )
+        model, kwargs = BertModel(config), {}
+    elif arch == "gpt2":
+        config = GPT2Config(
+            n_embd=32, n_layer=TINY_LAYERS, n_head=TINY_HEADS, vocab_size=TINY_VOCAB, n_positions=TINY_MAX_LENGTH,
+            attn_implementation=attn,
+        )
+        model, kwargs = GPT2Model(config), {"use_cache": False}
+    else:
+        raise ValueError(arch)
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model.eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    return LastHiddenState().eval()
+
+
+def export_tiny_model(arch: str, form: str, path) -> None:
+    import warnings
+
+    import torch
+
+    exporter, attn, opset = EXPORTS[form]
+    wrapper = _tiny_hf_model(arch, attn)
+    ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 11:] = 0
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(
+                wrapper, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], dynamo=True,
+                opset_version=opset, external_data=False, verbose=False,
+                dynamic_shapes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
+            )
+        else:
+            torch.onnx.export(
+                wrapper, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], dynamo=False,
+                opset_version=opset, output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
+            )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch, form)``: path of the exported model (exported on first use)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    cache: dict[tuple[str, str], str] = {}
+    folder = tmp_path_factory.mktemp("tiny_models")
+
+    def get(arch: str, form: str) -> str:
+        if (arch, form) not in cache:
+            path = folder / f"{arch}-{form}.onnx"
+            export_tiny_model(arch, form, path)
+            cache[arch, form] = str(path)
+        return cache[arch, form]
+
+    return get
+
+
+def random_token_examples(count: int, seed: int, low: int = 5, high: int = 60):
+    """``count`` random token sequences of lengths in [low, high]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, TINY_VOCAB, size=int(n)).astype(np.int64) for n in rng.integers(low, high + 1, size=count)]

@@ -1,0 +1,165 @@
+"""The command line end to end on a tiny BERT, and its error paths: one clear line on stderr, a
+non-zero exit, no output file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onnxprune.cli import main
+
+WORDS = "the a of to and in is it that for on with as was by this be are from at or an".split()
+
+
+def _write_tiny_bert(directory) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=len(vocab), max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(directory)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tok.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny BERT directory, its export, a text file, statistics and a pruned model."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "bert"
+    model_dir.mkdir()
+    _write_tiny_bert(model_dir)
+    rng = np.random.default_rng(0)
+    text = root / "data.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 60))) for _ in range(24)) + "\n")
+    model = root / "model.onnx"
+    assert main(["export", str(model_dir), "-o", str(model), "--seq-len", "32", "-q"]) == 0
+    stats = root / "stats.safetensors"
+    assert main(["calibrate", str(model), "--data", str(text), "--tokenizer", str(model_dir),
+                 "--max-length", "64", "-o", str(stats), "-q"]) == 0
+    pruned = root / "pruned.onnx"
+    assert main(["prune", str(model), "--stats", str(stats), "--sparsity", "0.5", "-o", str(pruned),
+                 "--report", str(root / "report.json"), "-q"]) == 0
+    return {"root": root, "dir": model_dir, "text": text, "model": model, "stats": stats, "pruned": pruned}
+
+
+def test_pipeline_outputs(workspace, capsys):
+    report = json.loads((workspace["root"] / "report.json").read_text())
+    assert len(report["sites"]) == 2
+    assert all(0 < s["density"] <= 0.6 for s in report["sites"])
+
+    assert main(["inspect", str(workspace["pruned"]), "--json", "--heatmaps", str(workspace["root"] / "png")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["op_counts"]["onnxprune.BlockSparseAttention"] == 2
+    assert len(info["pruned_sites"]) == 2 and info["metadata"]["onnxprune.sparsity"] == "0.5"
+    for png in info["heatmaps"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["inspect", str(workspace["model"]), "--json"]) == 0
+    dense_info = json.loads(capsys.readouterr().out)
+    assert [s["form"] for s in dense_info["attention_sites"]] == ["eager", "eager"]
+
+
+def test_verify_pass_and_fail(workspace, capsys, tmp_path):
+    p0 = tmp_path / "p0.onnx"
+    assert main(["prune", str(workspace["model"]), "--stats", str(workspace["stats"]), "-p", "0", "-o", str(p0), "-q"]) == 0
+    args = ["--data", str(workspace["text"]), "--tokenizer", str(workspace["dir"]), "--max-length", "64", "-q"]
+    assert main(["verify", str(workspace["model"]), str(p0), *args, "--atol", "1e-5", "--rtol", "1e-5"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    # p = 0.5 changes outputs: with tight tolerances verify must fail.
+    assert main(["verify", str(workspace["model"]), str(workspace["pruned"]), *args, "--atol", "1e-6", "--rtol", "1e-6"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_side_by_side(workspace, capsys):
+    assert main(["bench", str(workspace["model"]), str(workspace["pruned"]), "--seq-len", "48",
+                 "--repeats", "3", "--warmup", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "pruned.onnx" in out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_missing_file(workspace, capsys, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(tmp_path / "nope.onnx"), "--stats", str(workspace["stats"]), "-p", "0.5", "-o", str(out)]) == 2
+    assert "no such file" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_not_onnx(workspace, capsys, tmp_path):
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    out = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(bogus), "--data", str(workspace["text"]), "--tokenizer", str(workspace["dir"]), "-o", str(out)]) == 2
+    assert "not" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_stats_of_another_model(workspace, capsys, tmp_path):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(workspace["model"].read_bytes() + b"")  # same bytes → same model: allowed
+    import onnx
+
+    proto = onnx.load(str(workspace["model"]))
+    proto.doc_string = "another model"
+    onnx.save(proto, str(other))
+    out = tmp_path / "pruned.onnx"
+    assert main(["prune", str(other), "--stats", str(workspace["stats"]), "-p", "0.5", "-o", str(out)]) == 2
+    assert "another model" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_model_without_attention(workspace, capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["y"])], "g", [x], [y])
+    plain = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(plain))
+    out = tmp_path / "stats.safetensors"
+    assert main(["calibrate", str(plain), "--data", str(workspace["text"]), "--tokenizer", str(workspace["dir"]), "-o", str(out)]) == 2
+    assert "no attention site" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_sequence_longer_than_layout(workspace, capsys):
+    # The layout covers --max-length 64 positions; 100 tokens must be refused by the kernel.
+    code = main(["bench", str(workspace["pruned"]), "--seq-len", "100", "--repeats", "1", "--warmup", "0", "-q"])
+    assert code != 0
+    line = _error_line(capsys)
+    assert "100" in line and "64" in line
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range(workspace, capsys, tmp_path, value):
+    out = tmp_path / "pruned.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(workspace["model"]), "--stats", str(workspace["stats"]), "--sparsity", value, "-o", str(out)])
+    assert exit_info.value.code == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_debug_shows_traceback(workspace, tmp_path):
+    from onnxprune.errors import OnnxpruneError
+
+    with pytest.raises(OnnxpruneError):
+        main(["prune", str(tmp_path / "nope.onnx"), "--stats", str(workspace["stats"]), "-p", "0.5",
+              "-o", str(tmp_path / "x.onnx"), "--debug"])

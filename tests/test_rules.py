@@ -1,0 +1,428 @@
+"""The attention-site rules on tiny graphs built in memory (no torch).
+
+Each form an exporter emits is matched by ``find_sites`` (one site, the right form, scale and mask
+kind), then rewritten as a prune does with a full layout: ONNX Runtime must give the same outputs
+before and after, both with the library's kernel and with the op's function body (no library).
+Graphs that look like attention but are not sites must be reported with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper
+from onnx_ir import passes as ir_passes
+from onnx_ir.passes import common as common_passes
+
+from onnxprune import op_schema
+from onnxprune.model_io import ensure_node_names
+from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
+from onnxprune.prune import attach_function
+from onnxprune.rules import SiteLayouts, find_sites, rewrite_rule_set
+from onnxprune.runtime import session
+
+B, H, S, D = 2, 4, 20, 8  # S is not a multiple of the block
+BLOCK = 16
+ATOL = 1e-5
+
+_NP = {T.FLOAT: np.float32, T.BOOL: np.bool_}
+
+
+def vi(name, shape, elem=T.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def scalar(name, value):
+    return helper.make_tensor(name, T.FLOAT, [], [value])
+
+
+def make_model(nodes, inputs, initializers=(), opset=20):
+    graph = helper.make_graph(nodes, "g", inputs, [vi("Y", None)], initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def to_ir(proto: onnx.ModelProto) -> ir.Model:
+    """As ``model_io.load_ir`` reads a file: shapes inferred, every node named."""
+    proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    ensure_node_names(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in proto.graph.input:
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        elem = inp.type.tensor_type.elem_type
+        if inp.name == "M" and elem == T.BOOL:
+            value = rng.random(shape) > 0.3
+            value[..., 0] = True  # no fully masked row
+        elif inp.name == "M":
+            value = np.where(rng.random(shape) < 0.3, -np.inf, rng.standard_normal(shape)).astype(np.float32)
+            value[..., 0] = 0.0
+        else:
+            value = rng.standard_normal(shape).astype(_NP[elem])
+        feeds[inp.name] = value
+    return feeds
+
+
+def run_plain(proto: onnx.ModelProto, feeds) -> np.ndarray:
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["Y"], feeds)[0]
+
+
+def prune_full(proto: onnx.ModelProto, heads: int = H) -> onnx.ModelProto:
+    """Rewrite every site with an all-ones layout, as ``prune.prune`` does after learning."""
+    model = to_ir(proto)
+    sites = find_sites(model).sites
+    m = -(-S // BLOCK)
+    spec = SiteLayouts(BLOCK, {s.name: np.ones((heads, m, m), np.uint8) for s in sites})
+    count = rewrite_rule_set(spec).apply_to_model(model)
+    assert count == len(sites)
+    mask_use = unify_mask_inputs(model.graph)
+    attach_function(model, mask_use)
+    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
+    return ir.serde.serialize_model(model)
+
+
+def check_rewrite(proto: onnx.ModelProto, ops_library: str, heads: int = H, expect_no=("Softmax", "Attention"),
+                  num_sites: int = 1):
+    feeds = random_feeds(proto)
+    dense = run_plain(proto, feeds)
+    assert np.all(np.isfinite(dense))
+    pruned = prune_full(proto, heads)
+    ops = [(n.domain, n.op_type) for n in pruned.graph.node]
+    assert ops.count((op_schema.DOMAIN, op_schema.OP_TYPE)) == num_sites, ops
+    for op_type in expect_no:
+        assert ("", op_type) not in ops, ops
+    assert [f.name for f in pruned.functions] == [op_schema.OP_TYPE]
+    with_library = session(pruned.SerializeToString(), with_library=True).run(["Y"], feeds)[0]
+    function_body = run_plain(pruned, feeds)
+    np.testing.assert_allclose(with_library, dense, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(function_body, dense, atol=ATOL, rtol=0)
+    return pruned
+
+
+# --------------------------------------------------------------------------------------------
+# Eager: MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → Softmax(-1) → [Cast] → MatMul(·, V)
+
+
+def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node="initializer",
+                softmax_axis=-1, q_rank=4, scale_input=False):
+    q_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
+    kv_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
+    perm = [0, 1, 3, 2] if q_rank == 4 else [0, 2, 1]
+    value = {"Mul": 1 / math.sqrt(D), "Div": math.sqrt(D)}.get(scaling)
+    nodes = [helper.make_node("Transpose", ["K"], ["Kt"], perm=perm), helper.make_node("MatMul", ["Q", "Kt"], ["qk"])]
+    inputs = [vi("Q", q_shape), vi("K", kv_shape), vi("V", kv_shape)]
+    inits = []
+    scores = "qk"
+    if scaling != "None":
+        if scale_input:
+            inputs.append(vi("sc", []))
+        elif scale_node == "initializer":
+            inits.append(scalar("sc", value))
+        else:
+            nodes.append(helper.make_node("Constant", [], ["sc"], value=scalar("sc", value)))
+        nodes.append(helper.make_node(scaling, [scores, "sc"], ["scaled"]))
+        scores = "scaled"
+    if mask:
+        inputs.append(vi("M", [B, 1, 1, S] if q_rank == 4 else [1, 1, S]))
+        nodes.append(helper.make_node("Add", ["M", scores] if commuted else [scores, "M"], ["masked"]))
+        scores = "masked"
+    nodes.append(helper.make_node("Softmax", [scores], ["probs"], axis=softmax_axis, name="the_softmax"))
+    probs = "probs"
+    if cast:
+        nodes.append(helper.make_node("Cast", ["probs"], ["probs_cast"], to=T.FLOAT))
+        probs = "probs_cast"
+    nodes.append(helper.make_node("MatMul", [probs, "V"], ["Y"]))
+    return make_model(nodes, inputs, inits)
+
+
+EAGER_VARIANTS = [
+    pytest.param(dict(scaling=s, mask=m, cast=c, commuted=x), id=f"{s}-{'mask' if m else 'nomask'}"
+                 f"{'-cast' if c else ''}{'-commuted' if x else ''}")
+    for s in ("Mul", "Div", "None")
+    for m in (True, False)
+    for c in (False, True)
+    for x in ((False, True) if m else (False,))
+] + [pytest.param(dict(scaling="Mul", scale_node="Constant"), id="Mul-Constant-node"),
+     pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted")]
+
+
+@pytest.mark.parametrize("variant", EAGER_VARIANTS)
+def test_eager_found(variant):
+    discovery = find_sites(to_ir(eager_model(**variant)))
+    assert discovery.unmatched == []
+    assert len(discovery.sites) == 1
+    site = discovery.sites[0]
+    assert site.name == "the_softmax"
+    assert site.form == "eager"
+    expected_scale = 1.0 if variant["scaling"] == "None" else 1 / math.sqrt(D)
+    assert site.scale == pytest.approx(expected_scale, rel=1e-6)
+    assert site.mask_kind == ("float" if variant.get("mask", True) else None)
+    assert site.is_causal is False
+    assert site.q.name == "Q" and site.v.name == "V" and site.k_transposed.name == "Kt"
+    assert site.probs is not None and site.probs.name == "probs"
+    assert (site.num_heads, site.head_size) == (H, D)
+
+
+@pytest.mark.parametrize("variant", EAGER_VARIANTS)
+def test_eager_rewrite_keeps_outputs(variant, ops_library):
+    pruned = check_rewrite(eager_model(**variant), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["block_size"] == BLOCK and attrs["is_causal"] == 0
+    # Kᵀ came from a Transpose of K: the op takes K itself, no transpose added back.
+    assert node.input[1] == "K"
+    assert (len(node.input) == 5) == variant.get("mask", True)
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA decomposed: MatMul(scale(Q), scale(Kᵀ)) → [Add](mask) → Softmax → Where(IsNaN, 0, ·) → MatMul
+
+
+def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_input=False, commuted=False):
+    root = D ** -0.25  # each side applies √scale
+    value = {"Mul": root, "Div": 1 / root}
+    inputs = [vi("Q", [B, H, S, D]), vi("K", [B, H, S, D]), vi("V", [B, H, S, D])]
+    inits = [scalar("zero", zero), scalar("ks", value[k_scaling])]
+    if scale_input:
+        inputs.append(vi("qs", []))
+    else:
+        inits.append(scalar("qs", value[q_scaling]))
+    nodes = [
+        helper.make_node(q_scaling, ["Q", "qs"], ["q_scaled"]),
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+        helper.make_node(k_scaling, ["Kt", "ks"], ["k_scaled"]),
+        helper.make_node("MatMul", ["q_scaled", "k_scaled"], ["scores"]),
+    ]
+    scores = "scores"
+    if mask:
+        inputs.append(vi("M", [B, 1, S, S]))
+        nodes.append(helper.make_node("Add", ["M", scores] if commuted else [scores, "M"], ["masked"]))
+        scores = "masked"
+    nodes += [
+        helper.make_node("Softmax", [scores], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("IsNaN", ["probs"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "probs"], ["cleaned"]),
+        helper.make_node("MatMul", ["cleaned", "V"], ["Y"]),
+    ]
+    return make_model(nodes, inputs, inits)
+
+
+SDPA_VARIANTS = [
+    pytest.param(dict(q_scaling=qs, k_scaling=ks, mask=m), id=f"q{qs}-k{ks}-{'mask' if m else 'nomask'}")
+    for qs in ("Mul", "Div")
+    for ks in ("Mul", "Div")
+    for m in (True, False)
+] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted")]
+
+
+@pytest.mark.parametrize("variant", SDPA_VARIANTS)
+def test_sdpa_decomposed_found(variant):
+    discovery = find_sites(to_ir(sdpa_model(**variant)))
+    assert discovery.unmatched == []
+    assert len(discovery.sites) == 1
+    site = discovery.sites[0]
+    assert site.name == "the_softmax"
+    assert site.form == "sdpa-decomposed"
+    assert site.scale == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+    assert site.mask_kind == ("float" if variant["mask"] else None)
+    assert site.is_causal is False
+    assert site.q.name == "Q" and site.k_transposed.name == "Kt"
+
+
+@pytest.mark.parametrize("variant", SDPA_VARIANTS)
+def test_sdpa_decomposed_rewrite_keeps_outputs(variant, ops_library):
+    pruned = check_rewrite(sdpa_model(**variant), ops_library, expect_no=("Softmax", "IsNaN", "Where"))
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    scale = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "scale")
+    assert scale == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+
+
+def test_sdpa_decomposed_nan_replacement_not_zero():
+    discovery = find_sites(to_ir(sdpa_model(zero=1.0)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_softmax", "the value replacing NaN probabilities is not 0")]
+
+
+def test_sdpa_decomposed_scale_not_constant():
+    discovery = find_sites(to_ir(sdpa_model(scale_input=True)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_softmax", "scale is not a constant")]
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Attention (opset 23)
+
+
+def attention_model(mask=None, is_causal=0, scale=None, softcap=None, kv_heads=H, extra_output=False):
+    inputs = [vi("Q", [B, H, S, D]), vi("K", [B, kv_heads, S, D]), vi("V", [B, kv_heads, S, D])]
+    names = ["Q", "K", "V"]
+    if mask is not None:
+        inputs.append(vi("M", [B, 1, S, S], {"float": T.FLOAT, "bool": T.BOOL}[mask]))
+        names.append("M")
+    attrs = {"is_causal": is_causal}
+    if scale is not None:
+        attrs["scale"] = scale
+    if softcap is not None:
+        attrs["softcap"] = softcap
+    node = helper.make_node("Attention", names, ["Y"], name="the_attention", **attrs)
+    return make_model([node], inputs, opset=23)
+
+
+ATTENTION_VARIANTS = [
+    pytest.param(dict(mask=m, is_causal=c), id=f"{m or 'nomask'}-causal{c}")
+    for m in (None, "float", "bool")
+    for c in (0, 1)
+] + [
+    pytest.param(dict(mask="float", scale=0.2), id="explicit-scale"),
+    pytest.param(dict(mask=None, is_causal=1, kv_heads=2), id="grouped-heads"),
+    pytest.param(dict(mask="bool", softcap=0.0), id="softcap-zero"),
+]
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_onnx_attention_found(variant):
+    discovery = find_sites(to_ir(attention_model(**variant)))
+    assert discovery.unmatched == []
+    assert len(discovery.sites) == 1
+    site = discovery.sites[0]
+    assert site.name == "the_attention"
+    assert site.form == "onnx-attention"
+    assert site.scale == pytest.approx(variant.get("scale") or 1 / math.sqrt(D), rel=1e-6)
+    assert site.mask_kind == variant["mask"]
+    assert site.is_causal is bool(variant.get("is_causal", 0))
+    assert site.k is not None and site.k.name == "K"
+    assert site.probs is None
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_onnx_attention_rewrite_keeps_outputs(variant, ops_library):
+    pruned = check_rewrite(attention_model(**variant), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["is_causal"] == variant.get("is_causal", 0)
+
+
+def two_site_model(unmasked_site_is_graph_output: bool):
+    inputs = [vi("Q", [B, H, S, D]), vi("K", [B, H, S, D]), vi("V", [B, H, S, D]), vi("M", [B, 1, S, S], T.BOOL)]
+    second_out = "Y" if unmasked_site_is_graph_output else "A2"
+    nodes = [
+        helper.make_node("Attention", ["Q", "K", "V", "M"], ["A"], name="first"),
+        helper.make_node("Attention", ["A", "K", "V"], [second_out], name="second", is_causal=1),
+    ]
+    if not unmasked_site_is_graph_output:
+        nodes.append(helper.make_node("Neg", ["A2"], ["Y"]))
+    return make_model(nodes, inputs, opset=23)
+
+
+def check_two_sites(proto, ops_library):
+    sites = find_sites(to_ir(proto)).sites
+    assert [(s.name, s.mask_kind, s.is_causal) for s in sites] == [("first", "bool", False), ("second", None, True)]
+    pruned = check_rewrite(proto, ops_library, num_sites=2)
+    bsa = [n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE]
+    # Both nodes now pass a float attn_mask, the form of the one function body.
+    assert len(bsa) == 2 and all(len(n.input) == 5 for n in bsa)
+    assert "attn_mask=float" in pruned.functions[0].doc_string
+
+
+def test_two_sites_with_different_masks_share_one_body(ops_library):
+    """A bool-masked and an unmasked site in one graph: both move to a float mask."""
+    check_two_sites(two_site_model(unmasked_site_is_graph_output=False), ops_library)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="BUG onnxprune/passes/unify_mask_inputs.py:57: replace_all_uses_with(node.outputs[0], ...) "
+    "without replace_graph_outputs=True raises ValueError when the mask-less site's output is a graph output",
+)
+def test_two_sites_with_different_masks_unmasked_output_is_graph_output(ops_library):
+    check_two_sites(two_site_model(unmasked_site_is_graph_output=True), ops_library)
+
+
+# --------------------------------------------------------------------------------------------
+# Not sites, and why
+
+
+DEFAULT_REASON = "not part of a known attention pattern"
+
+
+def test_scale_not_constant():
+    discovery = find_sites(to_ir(eager_model(scaling="Mul", scale_input=True)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_softmax", "scale is not a constant")]
+
+
+def test_softmax_over_another_axis():
+    discovery = find_sites(to_ir(eager_model(softmax_axis=2)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_softmax", "Softmax is not over the last axis")]
+
+
+def test_softmax_axis_3_is_the_last_axis():
+    discovery = find_sites(to_ir(eager_model(softmax_axis=3)))
+    assert [s.name for s in discovery.sites] == ["the_softmax"]
+
+
+def test_rank3_q():
+    discovery = find_sites(to_ir(eager_model(q_rank=3)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_softmax", "Q has rank 3, not 4 ([B, H, S, D])")]
+
+
+def test_lone_softmax():
+    node = helper.make_node("Softmax", ["X"], ["Y"], axis=-1, name="classifier_softmax")
+    discovery = find_sites(to_ir(make_model([node], [vi("X", [B, 10])])))
+    assert discovery.sites == []
+    assert len(discovery.unmatched) == 1
+    name, reason = discovery.unmatched[0]
+    assert name == "classifier_softmax"
+    assert reason.startswith(DEFAULT_REASON)
+
+
+def test_softmax_not_followed_by_matmul():
+    nodes = [
+        helper.make_node("MatMul", ["Q", "Kt"], ["qk"]),
+        helper.make_node("Softmax", ["qk"], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("Relu", ["probs"], ["Y"]),
+    ]
+    proto = make_model(nodes, [vi("Q", [B, H, S, D]), vi("Kt", [B, H, D, S])])
+    discovery = find_sites(to_ir(proto))
+    assert discovery.sites == []
+    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
+    assert discovery.unmatched[0][1].startswith(DEFAULT_REASON)
+
+
+def test_attention_with_softcap():
+    discovery = find_sites(to_ir(attention_model(mask="float", softcap=30.0)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("the_attention", "Attention uses softcap")]
+
+
+def test_rewrite_skips_site_without_layout():
+    model = to_ir(eager_model())
+    count = rewrite_rule_set(SiteLayouts(BLOCK, {"some_other_site": np.ones((H, 2, 2), np.uint8)})).apply_to_model(model)
+    assert count == 0
+    assert [n.op_type for n in model.graph].count("Softmax") == 1
+
+
+def test_rewrite_carries_the_layout_as_initializer(ops_library):
+    model = to_ir(eager_model())
+    layout = np.zeros((H, 2, 2), np.uint8)
+    layout[:, 0, 0] = layout[:, 1, 1] = layout[:, 1, 0] = 1
+    count = rewrite_rule_set(SiteLayouts(BLOCK, {"the_softmax": layout})).apply_to_model(model)
+    assert count == 1
+    name = op_schema.layout_name("the_softmax")
+    assert name in model.graph.initializers
+    np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), layout)
