@@ -29,8 +29,23 @@ def _probabilities_nodes(site: SiteMatch, out: str) -> list[onnx.NodeProto]:
     """Nodes computing a site's attention probabilities when the graph has no Softmax output
     (the fused ``Attention`` op): softmax(scale·Q·Kᵀ + mask), causal if the op is."""
     p = f"{out}/"
+    i64 = lambda name, vals: helper.make_node(  # noqa: E731
+        "Constant", [], [p + name], value=helper.make_tensor(name, TensorProto.INT64, [len(vals)], vals)
+    )
     nodes = [
-        helper.make_node("Transpose", [site.k.name], [p + "kt"], perm=[0, 1, 3, 2]),
+        # Grouped heads: each KV head serves Hq/Hkv query heads; repeat K to [B, Hq, Sk, D].
+        helper.make_node("Shape", [site.q.name], [p + "hq"], start=1, end=2),
+        helper.make_node("Shape", [site.k.name], [p + "b"], start=0, end=1),
+        helper.make_node("Shape", [site.k.name], [p + "hkv"], start=1, end=2),
+        helper.make_node("Shape", [site.k.name], [p + "skd"], start=2, end=4),
+        helper.make_node("Div", [p + "hq", p + "hkv"], [p + "group"]),
+        i64("axis2", [2]),
+        helper.make_node("Unsqueeze", [site.k.name, p + "axis2"], [p + "k5"]),
+        helper.make_node("Concat", [p + "b", p + "hkv", p + "group", p + "skd"], [p + "k5_shape"], axis=0),
+        helper.make_node("Expand", [p + "k5", p + "k5_shape"], [p + "k5_e"]),
+        helper.make_node("Concat", [p + "b", p + "hq", p + "skd"], [p + "k_shape"], axis=0),
+        helper.make_node("Reshape", [p + "k5_e", p + "k_shape"], [p + "k_full"]),
+        helper.make_node("Transpose", [p + "k_full"], [p + "kt"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", [site.q.name, p + "kt"], [p + "qk"]),
         helper.make_node("Constant", [], [p + "scale"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [site.scale])),
         helper.make_node("Mul", [p + "qk", p + "scale"], [p + "scores0"]),

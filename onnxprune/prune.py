@@ -8,13 +8,14 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir import passes as ir_passes
 from onnx_ir.passes import common as common_passes
 
 from onnxprune import __version__, op_schema
 from onnxprune.errors import OnnxpruneError
-from onnxprune.layouts import LayoutResult, learn_layouts
+from onnxprune.layouts import LayoutResult, effective_sparsity, learn_layouts
 from onnxprune.model_io import file_sha256, load_ir
 from onnxprune.op_function import build_function
 from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
@@ -41,9 +42,15 @@ class PruneReport:
     scope: str
     effective_sparsity: float
     sites: list[SiteReport]
+    layouts: LayoutResult | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "layouts"}
+
+    def effective_sparsity_on(self, lengths: list[int]) -> float:
+        """The effective sparsity on inputs of these lengths (held-out data, say)."""
+        histogram = np.bincount(np.asarray(lengths, dtype=np.int64))
+        return effective_sparsity(histogram, self.layouts.sites, self.block_size)
 
 
 def attach_function(model: ir.Model, mask_use) -> None:
@@ -109,6 +116,7 @@ def prune(
             )
             for s in discovery.sites
         ],
+        layouts=learned,
     )
     model.metadata_props.update(
         {

@@ -19,6 +19,7 @@ from conftest import EXPORTS, TINY_HEADS, TINY_LAYERS, random_token_examples
 from onnxprune import op_schema
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
+from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import load_ir, save_model
 from onnxprune.prune import PruneReport, prune
 from onnxprune.rules import find_sites
@@ -114,8 +115,8 @@ def test_calibration_statistics(case):
     for site in stats.sites:
         assert stats.sums[site].shape == (TINY_HEADS, MAX_LENGTH // BLOCK, MAX_LENGTH // BLOCK)
         # Every valid query's probabilities sum to 1 over the keys.
-        np.testing.assert_allclose(stats.sums[site].sum(axis=2)[:, :, None].sum(axis=1)[:, 0],
-                                   stats.lengths @ np.arange(len(stats.lengths)), rtol=1e-4)
+        valid_queries = stats.lengths @ np.arange(len(stats.lengths))
+        np.testing.assert_allclose(stats.sums[site].sum(axis=(1, 2)), [valid_queries] * TINY_HEADS, rtol=1e-4)
 
 
 def test_pruned_graph_has_one_op_per_site(case):
@@ -194,3 +195,66 @@ def test_causal(case):
         assert {s: v["causal"] for s, v in json.loads(metadata["onnxprune.sites"]).items()} == {
             s: causal for s in case.stats.sites
         }
+
+
+# --------------------------------------------------------------------------------------------
+# Attention-23 with grouped KV heads, built by hand (torch's SDPA export repeats KV heads).
+
+
+def grouped_attention_model(path, kv_heads: int, q_heads: int = TINY_HEADS, head_size: int = 8, vocab: int = 100):
+    """input_ids → three embeddings → Q [B, Hq, S, D], K and V [B, Hkv, S, D] → causal Attention-23."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(kv_heads)
+    nodes, initializers = [], []
+    for name, heads in (("q", q_heads), ("k", kv_heads), ("v", kv_heads)):
+        table = rng.standard_normal((vocab, heads * head_size)).astype(np.float32)
+        initializers += [
+            onnx.numpy_helper.from_array(table, f"embedding_{name}"),
+            onnx.numpy_helper.from_array(np.array([0, 0, heads, head_size], np.int64), f"shape_{name}"),
+        ]
+        nodes += [
+            helper.make_node("Gather", [f"embedding_{name}", "input_ids"], [f"{name}_flat"]),
+            helper.make_node("Reshape", [f"{name}_flat", f"shape_{name}"], [f"{name}_bshd"]),
+            helper.make_node("Transpose", [f"{name}_bshd"], [name.upper()], perm=[0, 2, 1, 3]),
+        ]
+    nodes.append(helper.make_node("Attention", ["Q", "K", "V"], ["Y"], name="attention", is_causal=1))
+    graph = helper.make_graph(
+        nodes, "grouped", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", q_heads, "s", head_size])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def check_grouped_attention(kv_heads, tmp_path):
+    dense = tmp_path / "dense.onnx"
+    grouped_attention_model(dense, kv_heads)
+    stats = calibrate(dense, Dataset(random_token_examples(16, seed=5), ["input_ids"]), granularity=BLOCK,
+                      max_length=MAX_LENGTH, show_progress=False)
+    batches = list(Dataset(random_token_examples(8, seed=6), ["input_ids"]).batches(4, sort=False))
+    expected = outputs(plain_session(dense), batches)
+    for p in (0.0, 0.9):
+        model, report = prune(dense, stats, p, block_size=BLOCK)
+        assert [(s.form, s.causal, s.heads) for s in report.sites] == [("onnx-attention", True, TINY_HEADS)]
+        path = tmp_path / f"p{p}.onnx"
+        save_model(model, path)
+        layout = layouts_of(path)["attention"]
+        assert not np.triu(layout, k=1).any()
+        with_library = outputs(session(path, with_library=True), batches)
+        function_body = outputs(plain_session(path), batches)
+        for lib, body, d in zip(with_library, function_body, expected):
+            np.testing.assert_allclose(lib, body, atol=ATOL, rtol=0)
+            if p == 0.0:
+                np.testing.assert_allclose(lib, d, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [TINY_HEADS, 1], ids=["mha", "mqa"])
+def test_attention23_heads(kv_heads, tmp_path, ops_library):
+    check_grouped_attention(kv_heads, tmp_path)
+
+
+def test_attention23_grouped_heads(tmp_path, ops_library):
+    check_grouped_attention(2, tmp_path)

@@ -116,7 +116,7 @@ def check_rewrite(proto: onnx.ModelProto, ops_library: str, heads: int = H, expe
 
 
 def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node="initializer",
-                softmax_axis=-1, q_rank=4, scale_input=False):
+                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False):
     q_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     kv_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     perm = [0, 1, 3, 2] if q_rank == 4 else [0, 2, 1]
@@ -132,7 +132,8 @@ def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node
             inits.append(scalar("sc", value))
         else:
             nodes.append(helper.make_node("Constant", [], ["sc"], value=scalar("sc", value)))
-        nodes.append(helper.make_node(scaling, [scores, "sc"], ["scaled"]))
+        operands = ["sc", scores] if scale_first else [scores, "sc"]
+        nodes.append(helper.make_node(scaling, operands, ["scaled"]))
         scores = "scaled"
     if mask:
         inputs.append(vi("M", [B, 1, 1, S] if q_rank == 4 else [1, 1, S]))
@@ -155,7 +156,9 @@ EAGER_VARIANTS = [
     for c in (False, True)
     for x in ((False, True) if m else (False,))
 ] + [pytest.param(dict(scaling="Mul", scale_node="Constant"), id="Mul-Constant-node"),
-     pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted")]
+     pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted"),
+     pytest.param(dict(scaling="Mul", scale_first=True), id="Mul-scale-first"),
+     pytest.param(dict(scaling="Mul", scale_first=True, commuted=True, cast=True), id="Mul-scale-first-commuted-cast")]
 
 
 @pytest.mark.parametrize("variant", EAGER_VARIANTS)
@@ -190,7 +193,8 @@ def test_eager_rewrite_keeps_outputs(variant, ops_library):
 # SDPA decomposed: MatMul(scale(Q), scale(Kᵀ)) → [Add](mask) → Softmax → Where(IsNaN, 0, ·) → MatMul
 
 
-def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_input=False, commuted=False):
+def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_input=False, commuted=False,
+               scale_first=False):
     root = D ** -0.25  # each side applies √scale
     value = {"Mul": root, "Div": 1 / root}
     inputs = [vi("Q", [B, H, S, D]), vi("K", [B, H, S, D]), vi("V", [B, H, S, D])]
@@ -200,9 +204,9 @@ def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_inpu
     else:
         inits.append(scalar("qs", value[q_scaling]))
     nodes = [
-        helper.make_node(q_scaling, ["Q", "qs"], ["q_scaled"]),
+        helper.make_node(q_scaling, ["qs", "Q"] if scale_first else ["Q", "qs"], ["q_scaled"]),
         helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
-        helper.make_node(k_scaling, ["Kt", "ks"], ["k_scaled"]),
+        helper.make_node(k_scaling, ["ks", "Kt"] if scale_first else ["Kt", "ks"], ["k_scaled"]),
         helper.make_node("MatMul", ["q_scaled", "k_scaled"], ["scores"]),
     ]
     scores = "scores"
@@ -224,7 +228,8 @@ SDPA_VARIANTS = [
     for qs in ("Mul", "Div")
     for ks in ("Mul", "Div")
     for m in (True, False)
-] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted")]
+] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted"),
+     pytest.param(dict(mask=True, scale_first=True), id="scale-first")]
 
 
 @pytest.mark.parametrize("variant", SDPA_VARIANTS)
@@ -341,12 +346,6 @@ def test_two_sites_with_different_masks_share_one_body(ops_library):
     check_two_sites(two_site_model(unmasked_site_is_graph_output=False), ops_library)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG onnxprune/passes/unify_mask_inputs.py:57: replace_all_uses_with(node.outputs[0], ...) "
-    "without replace_graph_outputs=True raises ValueError when the mask-less site's output is a graph output",
-)
 def test_two_sites_with_different_masks_unmasked_output_is_graph_output(ops_library):
     check_two_sites(two_site_model(unmasked_site_is_graph_output=True), ops_library)
 
@@ -402,6 +401,15 @@ def test_softmax_not_followed_by_matmul():
     assert discovery.sites == []
     assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
     assert discovery.unmatched[0][1].startswith(DEFAULT_REASON)
+
+
+def test_probabilities_used_elsewhere():
+    """Rewriting would drop a value another consumer (here a graph output) needs."""
+    proto = eager_model()
+    proto.graph.output.append(vi("probs", None))
+    discovery = find_sites(to_ir(proto))
+    assert discovery.sites == []
+    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
 
 
 def test_attention_with_softcap():

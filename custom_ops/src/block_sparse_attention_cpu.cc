@@ -246,9 +246,70 @@ struct TaskShared {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// One task: batch b, query head h, query block qb.
-void run_task(const BsaParams& p, size_t task) {
-  const int64_t bs = p.block_size;
+// ---------------------------------------------------------------------------
+// Vectorisable float exp.
+//
+// exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n*ln2 (Cody-Waite split of
+// ln2 into hi + lo so r is exact to ~1 ulp), exp(r) on |r| <= ln2/2 by the
+// Cephes degree-6 polynomial 1 + r + r^2 * P5(r) (relative error ~1e-7), and
+// 2^n assembled in the exponent bits. Branch-free (selects only), so loops
+// calling it are auto-vectorised. Inputs below kExpLo (including -inf) give
+// exactly 0 (std::exp would give a denormal in [-103.3, -87.3]: at most
+// 1.2e-38, below the float32 resolution of any softmax sum, which is >= 1);
+// inputs above kExpHi saturate to exp(kExpHi) (never reached here: the kernel
+// only takes exp of values <= 0); NaN propagates.
+constexpr float kExpLo = -87.3f;  // n >= -126: 2^n stays a normal number
+constexpr float kExpHi = 88.3f;   // n <= 127
+
+inline __attribute__((always_inline)) float fast_exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n*kLn2Hi exact
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: float add rounds to integer
+  float xc = x < kExpLo ? kExpLo : x;  // NaN compares false: kept
+  xc = xc > kExpHi ? kExpHi : xc;
+  const float t = xc * kLog2e + kRound;  // low mantissa bits hold round(xc*log2e)
+  const float n = t - kRound;
+  float r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r) * r + r + 1.0f;
+  uint32_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  // tb - bits(kRound) = n (integer, |n| <= 127); 2^n = (n + 127) << 23.
+  const uint32_t sb = (tb - 0x4B400000u + 127u) << 23;
+  float s;
+  std::memcpy(&s, &sb, sizeof(s));
+  const float res = y * s;
+  return x < kExpLo ? 0.0f : res;
+}
+
+// Only used inside always_inline helpers, so the vector ABI never matters.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float Vec16 __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) void store16(float* p, Vec16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// One task: batch b, query head h, query block qb. BS is the block size (a
+// compile-time constant so the column loops have fixed trip counts); a partial
+// last key block is padded to BS columns (K^T columns zero, bias -inf, which
+// gives probability exactly 0).
+template <int BS>
+inline __attribute__((always_inline)) void task_body(const BsaParams& p, size_t task) {
+  constexpr int64_t bs = BS;
   const int64_t D = p.D, Dv = p.Dv, Sq = p.Sq, Sk = p.Sk;
   const int64_t nqb = ceil_div(Sq, bs);
   const int64_t nkb = ceil_div(Sk, bs);
@@ -263,8 +324,11 @@ void run_task(const BsaParams& p, size_t task) {
 
   // Per-thread scratch: packed K^T block [D, bs], score tile [bs, bs],
   // accumulator [bs, Dv], running max / sum [bs], key bias [bs].
+  // Running sums are kept as kLanes partial sums per row (lsum [bs, kLanes]).
+  constexpr int kLanes = BS < 16 ? BS : 16;
   thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(D * bs + bs * bs + bs * Dv + 3 * bs);
+  const size_t need =
+      static_cast<size_t>(D * bs + bs * bs + bs * Dv + 3 * bs + bs * kLanes);
   if (scratch.size() < need) scratch.resize(need);
   float* kt = scratch.data();
   float* st = kt + D * bs;
@@ -272,10 +336,11 @@ void run_task(const BsaParams& p, size_t task) {
   float* mrow = acc + bs * Dv;
   float* lrow = mrow + bs;
   float* kbias = lrow + bs;
+  float* lsum = kbias + bs;
 
   std::fill(acc, acc + rows * Dv, 0.0f);
   std::fill(mrow, mrow + rows, kNegInf);
-  std::fill(lrow, lrow + rows, 0.0f);
+  std::fill(lsum, lsum + rows * kLanes, 0.0f);
 
   const float* qblk = p.q + ((b * p.Hq + h) * Sq + i0) * D;
   const float* kbase = p.k + (b * p.Hkv + hk) * Sk * D;
@@ -289,7 +354,7 @@ void run_task(const BsaParams& p, size_t task) {
     if (!lay[kb]) continue;
     const int64_t cols = std::min(bs, Sk - j0);
 
-    // Key padding -> per-column bias (0 or -inf).
+    // Key padding -> per-column bias (0 or -inf); padded columns -inf.
     bool any_key = false;
     if (p.padding_kind == PaddingKind::kNone) {
       std::fill(kbias, kbias + cols, 0.0f);
@@ -308,25 +373,34 @@ void run_task(const BsaParams& p, size_t task) {
       }
     }
     if (!any_key) continue;
+    std::fill(kbias + cols, kbias + bs, kNegInf);
 
-    // Pack K block transposed: kt[d * bs + c] = K[j0 + c, d].
+    // Pack K block transposed: kt[d * bs + c] = K[j0 + c, d] (zero-padded).
     const float* kblk = kbase + j0 * D;
+    if (cols < bs)
+      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * bs + cols, kt + d * bs + bs, 0.0f);
     for (int64_t c = 0; c < cols; ++c) {
       const float* krow = kblk + c * D;
       for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = krow[d];
     }
 
     // Score tile: st[r, c] = scale * <Q[i0 + r], K[j0 + c]> + kbias[c].
+    // Vectorised over c with 16-float generic vectors (lowered to the clone's
+    // ISA: 4 x SSE, 2 x AVX or 1 x AVX-512 register each); BS / 16 register
+    // accumulators per row, so there is no reduction over d.
+    constexpr int kNV = BS / 16;
     for (int64_t r = 0; r < rows; ++r) {
-      float* srow = st + r * bs;
+      Vec16 sv[kNV];
+      for (int j = 0; j < kNV; ++j) sv[j] = Vec16{} ;
       const float* qrow = qblk + r * D;
-      std::fill(srow, srow + cols, 0.0f);
       for (int64_t d = 0; d < D; ++d) {
         const float qv = qrow[d];
         const float* ktrow = kt + d * bs;
-        for (int64_t c = 0; c < cols; ++c) srow[c] += qv * ktrow[c];
+        for (int j = 0; j < kNV; ++j) sv[j] += qv * load16(ktrow + 16 * j);
       }
-      for (int64_t c = 0; c < cols; ++c) srow[c] = srow[c] * scale + kbias[c];
+      float* srow = st + r * bs;
+      for (int j = 0; j < kNV; ++j)
+        store16(srow + 16 * j, sv[j] * scale + load16(kbias + 16 * j));
     }
 
     // Causal masking inside the tile (key j > query i).
@@ -360,31 +434,60 @@ void run_task(const BsaParams& p, size_t task) {
     const float* vblk = vbase + j0 * Dv;
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = st + r * bs;
-      float bmax = kNegInf;
-      for (int64_t c = 0; c < cols; ++c) bmax = std::max(bmax, srow[c]);
-      if (bmax == kNegInf) continue;  // nothing to attend to in this block
+      // Row max: lane-wise, then a log2 tree (vectorises; no serial chain).
+      float lm[kLanes];
+      for (int l = 0; l < kLanes; ++l) lm[l] = srow[l];
+      for (int64_t c = kLanes; c < bs; c += kLanes)
+        for (int l = 0; l < kLanes; ++l) lm[l] = lm[l] < srow[c + l] ? srow[c + l] : lm[l];
+      for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) lm[l] = lm[l] < lm[l + w] ? lm[l + w] : lm[l];
+      const float bmax = lm[0];
+      if (!(bmax > kNegInf)) continue;  // nothing to attend to in this block
       const float m_old = mrow[r];
-      const float m_new = std::max(m_old, bmax);  // finite (or +inf / NaN from the mask)
+      const float m_new = std::max(m_old, bmax);  // finite (or +inf from the mask)
       // m_old == -inf -> alpha = 0 (accumulator is still zero anyway).
-      const float alpha = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
-      float sum = 0.0f;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float e = srow[c] == kNegInf ? 0.0f : std::exp(srow[c] - m_new);
-        srow[c] = e;
-        sum += e;
-      }
-      float* arow = acc + r * Dv;
-      if (alpha != 1.0f)
-        for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float pc = srow[c];
-        if (pc == 0.0f) continue;
-        const float* vrow = vblk + c * Dv;
-        for (int64_t d = 0; d < Dv; ++d) arow[d] += pc * vrow[d];
-      }
-      lrow[r] = lrow[r] * alpha + sum;
+      const float alpha = m_old == kNegInf ? 0.0f : fast_exp(m_old - m_new);
+      // -inf scores give exactly 0 (fast_exp(-inf) == 0).
+      for (int64_t c = 0; c < bs; ++c) srow[c] = fast_exp(srow[c] - m_new);
+      // Running sum kept per lane (reduced once at the end).
+      float* lr = lsum + r * kLanes;
+      for (int l = 0; l < kLanes; ++l) lr[l] *= alpha;
+      for (int64_t c = 0; c < bs; c += kLanes)
+        for (int l = 0; l < kLanes; ++l) lr[l] += srow[c + l];
       mrow[r] = m_new;
+      // acc[r, :] = alpha * acc[r, :] + sum_c P[r, c] V[c, :], in register
+      // blocks of kDv columns (no store/reload of acc per key).
+      float* arow = acc + r * Dv;
+      constexpr int64_t kDv = 32;
+      int64_t d0 = 0;
+      for (; d0 + kDv <= Dv; d0 += kDv) {
+        float a[kDv];
+        for (int64_t d = 0; d < kDv; ++d) a[d] = arow[d0 + d] * alpha;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float pc = srow[c];
+          if (pc == 0.0f) continue;  // masked key: V row not touched
+          const float* vrow = vblk + c * Dv + d0;
+          for (int64_t d = 0; d < kDv; ++d) a[d] += pc * vrow[d];
+        }
+        for (int64_t d = 0; d < kDv; ++d) arow[d0 + d] = a[d];
+      }
+      if (d0 < Dv) {
+        for (int64_t d = d0; d < Dv; ++d) arow[d] *= alpha;
+        for (int64_t c = 0; c < cols; ++c) {
+          const float pc = srow[c];
+          if (pc == 0.0f) continue;
+          const float* vrow = vblk + c * Dv;
+          for (int64_t d = d0; d < Dv; ++d) arow[d] += pc * vrow[d];
+        }
+      }
     }
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    float* lr = lsum + r * kLanes;
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) lr[l] += lr[l + w];
+    lrow[r] = lr[0];
   }
 
   // Normalise; rows that never saw a finite score are exactly zero.
@@ -398,6 +501,28 @@ void run_task(const BsaParams& p, size_t task) {
       const float inv = 1.0f / lrow[r];
       for (int64_t d = 0; d < Dv; ++d) yrow[d] = arow[d] * inv;
     }
+  }
+}
+
+// Runtime ISA dispatch: GCC/Clang function multiversioning compiles run_task
+// (with task_body and fast_exp inlined into it) once per listed target and
+// picks one at load time through an ifunc resolver (cpuid). The library itself
+// stays baseline x86-64; no -march flags are needed.
+#if defined(__x86_64__) && defined(__ELF__) && !defined(ONNXPRUNE_NO_MULTIVERSION) && \
+    (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 8))
+#define BSA_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BSA_TARGET_CLONES
+#endif
+
+BSA_TARGET_CLONES
+void run_task(const BsaParams& p, size_t task) {
+  switch (p.block_size) {
+    case 16: task_body<16>(p, task); break;
+    case 32: task_body<32>(p, task); break;
+    case 64: task_body<64>(p, task); break;
+    default: task_body<128>(p, task); break;  // validated: 16, 32, 64 or 128
   }
 }
 

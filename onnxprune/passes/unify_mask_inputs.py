@@ -54,7 +54,7 @@ def unify_mask_inputs(graph: ir.Graph) -> MaskUse:
             )
             graph.insert_before(node, replacement)
             output_name = node.outputs[0].name
-            ir.convenience.replace_all_uses_with(node.outputs[0], replacement.outputs[0])
+            ir.convenience.replace_all_uses_with(node.outputs[0], replacement.outputs[0], replace_graph_outputs=True)
             graph.remove(node, safe=True)
             replacement.outputs[0].name = output_name
     return MaskUse(attn_mask="float", key_padding_mask=has_kpm)

@@ -1,0 +1,183 @@
+"""Calibration statistics: merging, saving and loading (onnxprune.stats.Stats)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_token_examples
+from onnxprune.calibrate import calibrate
+from onnxprune.data import Dataset
+from onnxprune.errors import OnnxpruneError
+from onnxprune.stats import Stats
+
+INPUTS = ["input_ids", "attention_mask"]
+MAX_LENGTH = 64
+
+
+def run_calibration(path, examples, batch_size=4):
+    return calibrate(path, Dataset(examples, INPUTS), granularity=16, max_length=MAX_LENGTH,
+                     batch_size=batch_size, show_progress=False)
+
+
+@pytest.fixture(scope="module", params=["bert", "gpt2"])
+def halves_and_whole(request, tiny_model):
+    pytest.importorskip("torch")
+    path = tiny_model(request.param, "dynamo-eager-20")
+    examples = random_token_examples(20, seed=3)
+    first = run_calibration(path, examples[:10])
+    second = run_calibration(path, examples[10:], batch_size=3)
+    whole = run_calibration(path, examples, batch_size=8)
+    return first, second, whole, path
+
+
+def assert_same_stats(a: Stats, b: Stats):
+    assert (a.granularity, a.max_length, a.model_sha256, a.sites, a.num_samples) == (
+        b.granularity, b.max_length, b.model_sha256, b.sites, b.num_samples
+    )
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    for site in a.sites:
+        np.testing.assert_allclose(a.sums[site], b.sums[site], rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(a.counts[site], b.counts[site])
+
+
+def test_halves_merge_to_the_whole(halves_and_whole):
+    first, second, whole, _ = halves_and_whole
+    assert first.num_samples == second.num_samples == 10
+    assert whole.num_samples == 20
+    # The halves saw different data.
+    assert not np.array_equal(first.lengths, second.lengths)
+    merged = first.merge(second)
+    assert_same_stats(merged, whole)
+    assert_same_stats(second.merge(first), whole)
+    assert merged.lengths.sum() == 20
+    assert merged.lengths.dtype == np.int64
+
+
+def test_merge_leaves_its_operands_alone(halves_and_whole):
+    first, second, _, _ = halves_and_whole
+    before = {s: first.sums[s].copy() for s in first.sites}
+    lengths, samples = first.lengths.copy(), first.num_samples
+    first.merge(second)
+    assert first.num_samples == samples
+    np.testing.assert_array_equal(first.lengths, lengths)
+    for s in first.sites:
+        np.testing.assert_array_equal(first.sums[s], before[s])
+
+
+def test_counts_are_valid_pairs(halves_and_whole):
+    """Each cell counts the (valid query, valid key) pairs of the inputs."""
+    _, _, whole, _ = halves_and_whole
+    expected = np.zeros((4, 4))
+    for length, how_many in enumerate(whole.lengths):
+        per_cell = np.clip(length - 16 * np.arange(4), 0, 16)
+        expected += how_many * np.outer(per_cell, per_cell)
+    for site in whole.sites:
+        np.testing.assert_array_equal(whole.counts[site], expected)
+
+
+def test_save_load_round_trip(halves_and_whole, tmp_path):
+    _, _, whole, _ = halves_and_whole
+    path = tmp_path / "stats.safetensors"
+    whole.save(path)
+    loaded = Stats.load(path)
+    assert_same_stats(loaded, whole)
+    for site in whole.sites:
+        np.testing.assert_array_equal(loaded.sums[site], whole.sums[site])  # exact, not just close
+        assert loaded.sums[site].dtype == np.float64
+
+
+def test_save_load_odd_site_names(tmp_path):
+    sites = {"/m/encoder/layer.0/attention/self/Softmax": 2, 'a "quoted", name': 1, "ünïcødé.1": 3}
+    stats = Stats.empty(sites, granularity=32, max_length=100, model_sha256="ab" * 32)
+    rng = np.random.default_rng(0)
+    for site in stats.sites:
+        stats.sums[site][...] = rng.random(stats.sums[site].shape)
+        stats.counts[site][...] = rng.integers(0, 50, stats.counts[site].shape)
+    stats.lengths[[3, 50, 100]] = [1, 2, 3]
+    stats.num_samples = 6
+    path = tmp_path / "odd.safetensors"
+    stats.save(path)
+    loaded = Stats.load(path)
+    assert loaded.sites == list(sites)
+    assert loaded.cells == 4
+    assert_same_stats(loaded, stats)
+    assert loaded.merge(stats).num_samples == 12
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(OnnxpruneError, match="no such file"):
+        Stats.load(tmp_path / "absent.safetensors")
+
+
+def test_load_text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not statistics\n")
+    with pytest.raises(OnnxpruneError):
+        Stats.load(path)
+
+
+def test_load_onnx_model(halves_and_whole):
+    _, _, _, model_path = halves_and_whole
+    with pytest.raises(OnnxpruneError):
+        Stats.load(model_path)
+
+
+def test_load_other_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"weight": np.zeros((2, 2), np.float32)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(OnnxpruneError, match="not an onnxprune statistics file"):
+        Stats.load(path)
+
+
+def test_load_truncated_stats_file(tmp_path):
+    stats = Stats.empty({"s": 1}, 16, 32, "0" * 64)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OnnxpruneError):
+        Stats.load(path)
+
+
+def test_merge_different_models_raises(tiny_model):
+    pytest.importorskip("torch")
+    examples = random_token_examples(4, seed=4)
+    bert = run_calibration(tiny_model("bert", "dynamo-eager-20"), examples)
+    gpt2 = run_calibration(tiny_model("gpt2", "dynamo-eager-20"), examples)
+    with pytest.raises(OnnxpruneError, match="different models"):
+        bert.merge(gpt2)
+
+
+def test_merge_same_sites_different_sha_raises():
+    a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    b = Stats.empty({"s": 2}, 16, 64, "b" * 64)
+    with pytest.raises(OnnxpruneError, match="different models"):
+        a.merge(b)
+
+
+def test_merge_different_sites_raises():
+    a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    b = Stats.empty({"t": 2}, 16, 64, "a" * 64)
+    with pytest.raises(OnnxpruneError, match="different models"):
+        a.merge(b)
+
+
+@pytest.mark.parametrize("other", [(32, 64), (16, 128)])
+def test_merge_different_granularity_or_length_raises(other):
+    a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    b = Stats.empty({"s": 2}, other[0], other[1], "a" * 64)
+    with pytest.raises(OnnxpruneError, match="cannot merge"):
+        a.merge(b)
+
+
+def test_mean_is_zero_where_unseen():
+    stats = Stats.empty({"s": 2}, 16, 48, "a" * 64)
+    stats.sums["s"][:, 0, 0] = [4.0, 8.0]
+    stats.counts["s"][0, 0] = 2
+    mean = stats.mean("s")
+    np.testing.assert_array_equal(mean[:, 0, 0], [2.0, 4.0])
+    assert mean[:, 1:, :].sum() == 0 and mean[:, :, 1:].sum() == 0
+    assert np.all(np.isfinite(mean))
