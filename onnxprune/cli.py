@@ -117,10 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dataset(args, model_path):
     from onnxprune.data import load_dataset
-    from onnxprune.runtime import session
+    from onnxprune.model_io import input_names
 
-    names = [i.name for i in session(model_path, with_library=True).get_inputs()]
-    return load_dataset(args.data, names, args.tokenizer, args.max_length, limit=args.limit)
+    return load_dataset(args.data, input_names(model_path), args.tokenizer, args.max_length, limit=args.limit)
 
 
 def _log(args):
@@ -138,9 +137,7 @@ def run(args) -> int:
               f"max |ONNX - PyTorch| = {r.max_abs_diff:.2e}")
     elif args.verb == "calibrate":
         from onnxprune.calibrate import calibrate
-        from onnxprune.model_io import load_proto
 
-        load_proto(args.model, load_external_data=False)
         stats = calibrate(args.model, _dataset(args, args.model), granularity=args.granularity,
                           max_length=args.max_length, batch_size=args.batch_size, threads=args.threads,
                           show_progress=show)

@@ -18,9 +18,8 @@ from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset, load_tokenizer, tokenize
 from onnxprune.errors import OnnxpruneError
 from onnxprune.export import export
-from onnxprune.model_io import atomic_path, file_sha256, save_model
+from onnxprune.model_io import atomic_path, file_sha256, input_names, save_model
 from onnxprune.prune import prune
-from onnxprune.runtime import session
 from onnxprune.stdlib_text import CALIBRATION_MODULES, EVALUATION_MODULES, docstrings
 from onnxprune.verify import sentence_embeddings
 
@@ -71,7 +70,7 @@ def run_demo(
     ]
     evaluation = tokenize([held_out[i] for i in rng.permutation(len(held_out))[:evaluation_examples]],
                           tokenizer, max_length, chunk=False)
-    names = [i.name for i in session(dense, with_library=False).get_inputs()]
+    names = input_names(dense)
     cal_set, eval_set = Dataset(calibration, names), Dataset(evaluation, names)
     cal_lengths = [len(c) for c in calibration]
     eval_lengths = [len(e) for e in evaluation]

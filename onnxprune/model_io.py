@@ -39,6 +39,13 @@ def load_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx
     return model
 
 
+def input_names(path: str | os.PathLike) -> list[str]:
+    """The model's runtime inputs (graph inputs that are not initializers), weights not loaded."""
+    graph = load_proto(path, load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in constants]
+
+
 def ensure_node_names(model: onnx.ModelProto) -> None:
     """Give every unnamed or duplicate-named node of the main graph a stable name.
 
