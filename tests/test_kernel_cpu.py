@@ -95,6 +95,28 @@ def run_op(ops_library, q, k, v, layout, block_size, scale=None, is_causal=None,
     return sess.run(None, feeds)[0]
 
 
+@pytest.fixture(autouse=True, params=["native", "avx2", "baseline"])
+def cpu_isa(request, ops_library, monkeypatch):
+    """Runs every kernel test once per compiled instruction-set variant of the kernel.
+
+    ONNXPRUNE_CPU_ISA caps the variant the library picks; the library's OnnxpruneCpuIsa()
+    says which one it took, so a variant this CPU lacks is skipped rather than silently
+    replaced.
+    """
+    import ctypes
+
+    if request.param != "native":
+        monkeypatch.setenv("ONNXPRUNE_CPU_ISA", request.param)
+    else:
+        monkeypatch.delenv("ONNXPRUNE_CPU_ISA", raising=False)
+    isa_of = ctypes.CDLL(ops_library).OnnxpruneCpuIsa
+    isa_of.restype = ctypes.c_char_p
+    chosen = isa_of().decode()
+    if request.param != "native" and chosen != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel (it uses {chosen})")
+    return chosen
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
@@ -156,6 +178,16 @@ def test_block_sizes_and_ragged_lengths(ops_library, rng, bs, seq):
     m = n_blocks(seq, bs)
     layout = rand_layout(rng, H, m, m, p=0.6)
     check(ops_library, q, k, v, layout, bs)
+
+
+@pytest.mark.parametrize("bs", [16, 64])
+@pytest.mark.parametrize("d,dv", [(8, 8), (24, 24), (32, 32), (40, 72), (64, 64), (80, 80), (128, 128), (64, 20)])
+def test_head_sizes(ops_library, rng, bs, d, dv):
+    # Head sizes around the vector widths (4, 8, 16 floats): the query-block transpose and
+    # the P·V column tails both take their vector and scalar paths.
+    q, k, v = rand_inputs(rng, 2, 2, 2, 150, 150, d, dv)
+    m = n_blocks(150, bs)
+    check(ops_library, q, k, v, rand_layout(rng, 2, m, m, p=0.6), bs, scale=0.3)
 
 
 @pytest.mark.parametrize("bs", [16, 32, 64, 128])
@@ -564,3 +596,16 @@ def test_process_survives_errors(ops_library, rng):
     out = sess.run(None, dict(feeds, layout=a["layout"]))[0]
     ref = block_sparse_attention_ref(a["q"], a["k"], a["v"], a["layout"], 16)
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_isa_cap_is_honoured(ops_library, monkeypatch):
+    # The baseline variant runs on every CPU, so capping at it must always take effect;
+    # otherwise the per-variant runs above would silently test one variant three times.
+    import ctypes
+
+    isa_of = ctypes.CDLL(ops_library).OnnxpruneCpuIsa
+    isa_of.restype = ctypes.c_char_p
+    monkeypatch.setenv("ONNXPRUNE_CPU_ISA", "baseline")
+    assert isa_of() == b"baseline"
+    monkeypatch.delenv("ONNXPRUNE_CPU_ISA")
+    assert isa_of().decode() in ("avx512", "avx2", "baseline")

@@ -100,4 +100,8 @@ size_t bsa_num_tasks(const BsaParams& p);
 // string on success, an error message otherwise (e.g. out of memory).
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx);
 
+// Instruction set bsa_compute_cpu uses on this CPU: "avx512", "avx2" or
+// "baseline" (capped by the environment variable ONNXPRUNE_CPU_ISA).
+const char* bsa_cpu_isa();
+
 }  // namespace onnxprune

@@ -1,10 +1,12 @@
-// Block-sparse attention, CPU float32 kernel (flash-attention style, online
-// softmax over the kept key blocks). See block_sparse_attention.h.
+// Block-sparse attention on the CPU: input validation (shared with the CUDA
+// path) and the run-time choice of the kernel's instruction set. The kernel
+// itself is bsa_cpu_kernel.inc, compiled once per instruction set.
 #include "block_sparse_attention.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -237,305 +239,85 @@ size_t bsa_num_tasks(const BsaParams& p) {
   return static_cast<size_t>(p.B * p.Hq * ceil_div(p.Sq, p.block_size));
 }
 
+// Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).
+namespace cpu_baseline {
+void run_task(const BsaParams& p, size_t task);
+}
+#if defined(ONNXPRUNE_HAVE_X86_ISAS)
+namespace cpu_avx2 {
+void run_task(const BsaParams& p, size_t task);
+}
+namespace cpu_avx512 {
+void run_task(const BsaParams& p, size_t task);
+}
+#endif
+
 namespace {
 
+using RunTaskFn = void (*)(const BsaParams& p, size_t task);
+
+struct IsaChoice {
+  RunTaskFn fn;
+  const char* name;
+};
+
+#if defined(ONNXPRUNE_HAVE_X86_ISAS)
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("bmi2");
+}
+#endif
+
+// The best instruction set this CPU supports (libgcc's cpuid check also
+// verifies that the OS saves the vector registers), capped by the environment
+// variable ONNXPRUNE_CPU_ISA (avx512 | avx2 | baseline) so that tests and
+// benchmarks can run every variant on one machine. Read on every call: a
+// getenv per op invocation is negligible and lets a process switch.
+IsaChoice choose_isa() {
+  const char* cap = std::getenv("ONNXPRUNE_CPU_ISA");
+  const std::string want = cap ? cap : "";
+#if defined(ONNXPRUNE_HAVE_X86_ISAS)
+  if (want != "avx2" && want != "baseline" && cpu_has_avx512()) return {&cpu_avx512::run_task, "avx512"};
+  if (want != "baseline" && cpu_has_avx2()) return {&cpu_avx2::run_task, "avx2"};
+#endif
+  return {&cpu_baseline::run_task, "baseline"};
+}
+
 struct TaskShared {
+  RunTaskFn run;
   const BsaParams* p;
   std::atomic<bool> failed{false};
 };
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------
-// Vectorisable float exp.
-//
-// exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n*ln2 (Cody-Waite split of
-// ln2 into hi + lo so r is exact to ~1 ulp), exp(r) on |r| <= ln2/2 by the
-// Cephes degree-6 polynomial 1 + r + r^2 * P5(r) (relative error ~1e-7), and
-// 2^n assembled in the exponent bits. Branch-free (selects only), so loops
-// calling it are auto-vectorised. Inputs below kExpLo (including -inf) give
-// exactly 0 (std::exp would give a denormal in [-103.3, -87.3]: at most
-// 1.2e-38, below the float32 resolution of any softmax sum, which is >= 1);
-// inputs above kExpHi saturate to exp(kExpHi) (never reached here: the kernel
-// only takes exp of values <= 0); NaN propagates.
-constexpr float kExpLo = -87.3f;  // n >= -126: 2^n stays a normal number
-constexpr float kExpHi = 88.3f;   // n <= 127
-
-inline __attribute__((always_inline)) float fast_exp(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // 8 significant bits: n*kLn2Hi exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: float add rounds to integer
-  float xc = x < kExpLo ? kExpLo : x;  // NaN compares false: kept
-  xc = xc > kExpHi ? kExpHi : xc;
-  const float t = xc * kLog2e + kRound;  // low mantissa bits hold round(xc*log2e)
-  const float n = t - kRound;
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = (p * r) * r + r + 1.0f;
-  uint32_t tb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  // tb - bits(kRound) = n (integer, |n| <= 127); 2^n = (n + 127) << 23.
-  const uint32_t sb = (tb - 0x4B400000u + 127u) << 23;
-  float s;
-  std::memcpy(&s, &sb, sizeof(s));
-  const float res = y * s;
-  return x < kExpLo ? 0.0f : res;
-}
-
-// Only used inside always_inline helpers, so the vector ABI never matters.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-typedef float Vec16 __attribute__((vector_size(64)));
-inline __attribute__((always_inline)) Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline __attribute__((always_inline)) void store16(float* p, Vec16 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// One task: batch b, query head h, query block qb. BS is the block size (a
-// compile-time constant so the column loops have fixed trip counts); a partial
-// last key block is padded to BS columns (K^T columns zero, bias -inf, which
-// gives probability exactly 0).
-template <int BS>
-inline __attribute__((always_inline)) void task_body(const BsaParams& p, size_t task) {
-  constexpr int64_t bs = BS;
-  const int64_t D = p.D, Dv = p.Dv, Sq = p.Sq, Sk = p.Sk;
-  const int64_t nqb = ceil_div(Sq, bs);
-  const int64_t nkb = ceil_div(Sk, bs);
-  const int64_t t = static_cast<int64_t>(task);
-  const int64_t qb = t % nqb;
-  const int64_t h = (t / nqb) % p.Hq;
-  const int64_t b = t / (nqb * p.Hq);
-  const int64_t hk = h / (p.Hq / p.Hkv);
-  const int64_t i0 = qb * bs;
-  const int64_t rows = std::min(bs, Sq - i0);
-  const int64_t last_row = i0 + rows - 1;
-
-  // Per-thread scratch: packed K^T block [D, bs], score tile [bs, bs],
-  // accumulator [bs, Dv], running max / sum [bs], key bias [bs].
-  // Running sums are kept as kLanes partial sums per row (lsum [bs, kLanes]).
-  constexpr int kLanes = BS < 16 ? BS : 16;
-  thread_local std::vector<float> scratch;
-  const size_t need =
-      static_cast<size_t>(D * bs + bs * bs + bs * Dv + 3 * bs + bs * kLanes);
-  if (scratch.size() < need) scratch.resize(need);
-  float* kt = scratch.data();
-  float* st = kt + D * bs;
-  float* acc = st + bs * bs;
-  float* mrow = acc + bs * Dv;
-  float* lrow = mrow + bs;
-  float* kbias = lrow + bs;
-  float* lsum = kbias + bs;
-
-  std::fill(acc, acc + rows * Dv, 0.0f);
-  std::fill(mrow, mrow + rows, kNegInf);
-  std::fill(lsum, lsum + rows * kLanes, 0.0f);
-
-  const float* qblk = p.q + ((b * p.Hq + h) * Sq + i0) * D;
-  const float* kbase = p.k + (b * p.Hkv + hk) * Sk * D;
-  const float* vbase = p.v + (b * p.Hkv + hk) * Sk * Dv;
-  const uint8_t* lay = p.layout + ((p.Hl == 1 ? 0 : h) * p.Mq + qb) * p.Mk;
-  const float scale = p.scale;
-
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t j0 = kb * bs;
-    if (p.is_causal && j0 > last_row) break;  // this and all later blocks fully masked
-    if (!lay[kb]) continue;
-    const int64_t cols = std::min(bs, Sk - j0);
-
-    // Key padding -> per-column bias (0 or -inf); padded columns -inf.
-    bool any_key = false;
-    if (p.padding_kind == PaddingKind::kNone) {
-      std::fill(kbias, kbias + cols, 0.0f);
-      any_key = true;
-    } else if (p.padding_kind == PaddingKind::kBool) {
-      const uint8_t* pm = static_cast<const uint8_t*>(p.key_padding_mask) + b * Sk + j0;
-      for (int64_t c = 0; c < cols; ++c) {
-        kbias[c] = pm[c] ? 0.0f : kNegInf;
-        any_key |= pm[c] != 0;
-      }
-    } else {
-      const int64_t* pm = static_cast<const int64_t*>(p.key_padding_mask) + b * Sk + j0;
-      for (int64_t c = 0; c < cols; ++c) {
-        kbias[c] = pm[c] ? 0.0f : kNegInf;
-        any_key |= pm[c] != 0;
-      }
-    }
-    if (!any_key) continue;
-    std::fill(kbias + cols, kbias + bs, kNegInf);
-
-    // Pack K block transposed: kt[d * bs + c] = K[j0 + c, d] (zero-padded).
-    const float* kblk = kbase + j0 * D;
-    if (cols < bs)
-      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * bs + cols, kt + d * bs + bs, 0.0f);
-    for (int64_t c = 0; c < cols; ++c) {
-      const float* krow = kblk + c * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = krow[d];
-    }
-
-    // Score tile: st[r, c] = scale * <Q[i0 + r], K[j0 + c]> + kbias[c].
-    // Vectorised over c with 16-float generic vectors (lowered to the clone's
-    // ISA: 4 x SSE, 2 x AVX or 1 x AVX-512 register each); BS / 16 register
-    // accumulators per row, so there is no reduction over d.
-    constexpr int kNV = BS / 16;
-    for (int64_t r = 0; r < rows; ++r) {
-      Vec16 sv[kNV];
-      for (int j = 0; j < kNV; ++j) sv[j] = Vec16{} ;
-      const float* qrow = qblk + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float qv = qrow[d];
-        const float* ktrow = kt + d * bs;
-        for (int j = 0; j < kNV; ++j) sv[j] += qv * load16(ktrow + 16 * j);
-      }
-      float* srow = st + r * bs;
-      for (int j = 0; j < kNV; ++j)
-        store16(srow + 16 * j, sv[j] * scale + load16(kbias + 16 * j));
-    }
-
-    // Causal masking inside the tile (key j > query i).
-    if (p.is_causal && j0 + cols - 1 > i0) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t first_masked = std::max<int64_t>(i0 + r + 1 - j0, 0);
-        float* srow = st + r * bs;
-        for (int64_t c = first_masked; c < cols; ++c) srow[c] = kNegInf;
-      }
-    }
-
-    // attn_mask.
-    if (p.mask_kind != MaskKind::kNone) {
-      const int64_t* ms = p.mask_strides;
-      for (int64_t r = 0; r < rows; ++r) {
-        float* srow = st + r * bs;
-        const int64_t off = b * ms[0] + h * ms[1] + (i0 + r) * ms[2] + j0 * ms[3];
-        const int64_t sj = ms[3];
-        if (p.mask_kind == MaskKind::kBool) {
-          const uint8_t* mrowp = static_cast<const uint8_t*>(p.attn_mask) + off;
-          for (int64_t c = 0; c < cols; ++c)
-            if (!mrowp[c * sj]) srow[c] = kNegInf;
-        } else {
-          const float* mrowp = static_cast<const float*>(p.attn_mask) + off;
-          for (int64_t c = 0; c < cols; ++c) srow[c] += mrowp[c * sj];
-        }
-      }
-    }
-
-    // Online softmax update.
-    const float* vblk = vbase + j0 * Dv;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* srow = st + r * bs;
-      // Row max: lane-wise, then a log2 tree (vectorises; no serial chain).
-      float lm[kLanes];
-      for (int l = 0; l < kLanes; ++l) lm[l] = srow[l];
-      for (int64_t c = kLanes; c < bs; c += kLanes)
-        for (int l = 0; l < kLanes; ++l) lm[l] = lm[l] < srow[c + l] ? srow[c + l] : lm[l];
-      for (int w = kLanes / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; ++l) lm[l] = lm[l] < lm[l + w] ? lm[l + w] : lm[l];
-      const float bmax = lm[0];
-      if (!(bmax > kNegInf)) continue;  // nothing to attend to in this block
-      const float m_old = mrow[r];
-      const float m_new = std::max(m_old, bmax);  // finite (or +inf from the mask)
-      // m_old == -inf -> alpha = 0 (accumulator is still zero anyway).
-      const float alpha = m_old == kNegInf ? 0.0f : fast_exp(m_old - m_new);
-      // -inf scores give exactly 0 (fast_exp(-inf) == 0).
-      for (int64_t c = 0; c < bs; ++c) srow[c] = fast_exp(srow[c] - m_new);
-      // Running sum kept per lane (reduced once at the end).
-      float* lr = lsum + r * kLanes;
-      for (int l = 0; l < kLanes; ++l) lr[l] *= alpha;
-      for (int64_t c = 0; c < bs; c += kLanes)
-        for (int l = 0; l < kLanes; ++l) lr[l] += srow[c + l];
-      mrow[r] = m_new;
-      // acc[r, :] = alpha * acc[r, :] + sum_c P[r, c] V[c, :], in register
-      // blocks of kDv columns (no store/reload of acc per key).
-      float* arow = acc + r * Dv;
-      constexpr int64_t kDv = 32;
-      int64_t d0 = 0;
-      for (; d0 + kDv <= Dv; d0 += kDv) {
-        float a[kDv];
-        for (int64_t d = 0; d < kDv; ++d) a[d] = arow[d0 + d] * alpha;
-        for (int64_t c = 0; c < cols; ++c) {
-          const float pc = srow[c];
-          if (pc == 0.0f) continue;  // masked key: V row not touched
-          const float* vrow = vblk + c * Dv + d0;
-          for (int64_t d = 0; d < kDv; ++d) a[d] += pc * vrow[d];
-        }
-        for (int64_t d = 0; d < kDv; ++d) arow[d0 + d] = a[d];
-      }
-      if (d0 < Dv) {
-        for (int64_t d = d0; d < Dv; ++d) arow[d] *= alpha;
-        for (int64_t c = 0; c < cols; ++c) {
-          const float pc = srow[c];
-          if (pc == 0.0f) continue;
-          const float* vrow = vblk + c * Dv;
-          for (int64_t d = d0; d < Dv; ++d) arow[d] += pc * vrow[d];
-        }
-      }
-    }
-  }
-
-  for (int64_t r = 0; r < rows; ++r) {
-    float* lr = lsum + r * kLanes;
-    for (int w = kLanes / 2; w >= 1; w /= 2)
-      for (int l = 0; l < w; ++l) lr[l] += lr[l + w];
-    lrow[r] = lr[0];
-  }
-
-  // Normalise; rows that never saw a finite score are exactly zero.
-  float* yblk = p.y + ((b * p.Hq + h) * Sq + i0) * Dv;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yrow = yblk + r * Dv;
-    const float* arow = acc + r * Dv;
-    if (mrow[r] == kNegInf || !(lrow[r] > 0.0f)) {
-      std::fill(yrow, yrow + Dv, 0.0f);
-    } else {
-      const float inv = 1.0f / lrow[r];
-      for (int64_t d = 0; d < Dv; ++d) yrow[d] = arow[d] * inv;
-    }
-  }
-}
-
-// Runtime ISA dispatch: GCC/Clang function multiversioning compiles run_task
-// (with task_body and fast_exp inlined into it) once per listed target and
-// picks one at load time through an ifunc resolver (cpuid). The library itself
-// stays baseline x86-64; no -march flags are needed.
-#if defined(__x86_64__) && defined(__ELF__) && !defined(ONNXPRUNE_NO_MULTIVERSION) && \
-    (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 8))
-#define BSA_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BSA_TARGET_CLONES
-#endif
-
-BSA_TARGET_CLONES
-void run_task(const BsaParams& p, size_t task) {
-  switch (p.block_size) {
-    case 16: task_body<16>(p, task); break;
-    case 32: task_body<32>(p, task); break;
-    case 64: task_body<64>(p, task); break;
-    default: task_body<128>(p, task); break;  // validated: 16, 32, 64 or 128
-  }
-}
-
 void task_entry(void* data, size_t index) {
   auto* shared = static_cast<TaskShared*>(data);
   try {
-    run_task(*shared->p, index);
+    shared->run(*shared->p, index);
   } catch (...) {
     shared->failed.store(true, std::memory_order_relaxed);
   }
 }
 
 }  // namespace
+
+const char* bsa_cpu_isa() { return choose_isa().name; }
+
+}  // namespace onnxprune
+
+// Plain C entry point so tests and benchmarks can ask which kernel variant
+// runs (ctypes on the loaded library).
+extern "C" __attribute__((visibility("default"))) const char* OnnxpruneCpuIsa(void) {
+  return onnxprune::bsa_cpu_isa();
+}
+
+namespace onnxprune {
 
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx) {
   const size_t total = bsa_num_tasks(p);
@@ -545,6 +327,7 @@ std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx)
     return std::string();
   }
   TaskShared shared;
+  shared.run = choose_isa().fn;
   shared.p = &p;
   if (pf == nullptr || total == 1) {
     for (size_t i = 0; i < total; ++i) task_entry(&shared, i);
