@@ -1,38 +1,71 @@
-"""Op-level benchmark: onnxprune.BlockSparseAttention (CPU kernel) vs ONNX Runtime's dense
-attention (MatMul → Mul → Softmax → MatMul) on the same inputs, in one run, interleaved.
+"""Op-level benchmark: onnxprune.BlockSparseAttention (CPU kernel) against the dense attention
+ONNX Runtime offers on CPU, and against a float32 GEMM ceiling, all measured in the same run.
 
-    .venv/bin/python tools/bench_attention.py [--threads 2] [--cases 256:32:16 2048:64:64] [--kept 1.0 0.5 0.1]
+    .venv/bin/python tools/bench_attention.py                      # the issue's main table
+    .venv/bin/python tools/bench_attention.py --seq 2048 --blocks 16 32 64 128 --kept 0.1
+    .venv/bin/python tools/bench_attention.py --threads 1 2 --kept 0.05 0.1 0.2 0.5 1
+    .venv/bin/python tools/bench_attention.py --flex --blocks 128  # + torch FlexAttention (compiled)
+    .venv/bin/python tools/bench_attention.py --memory --seq 8192  # peak working memory instead
 
-Each case is S:D:block with B = 1, 12 heads, float32. The layout keeps the diagonal blocks plus
-random others up to the asked fraction. Prints one table: median ms, ratio to dense, and the
-kernel's GFLOP/s on the blocks it computes (4·bs²·D per kept block, the two products).
+Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread count):
+  decomposed  ORT: Transpose → MatMul → Mul → Softmax → MatMul (what exporters emit)
+  attention   ORT: the standard ONNX Attention op (opset 23), inputs [B, H, S, D]
+  mha         ORT: com.microsoft.MultiHeadAttention, inputs [B, S, H·D] (ORT's fused CPU kernel)
+  flex        torch.nn.attention.flex_attention under torch.compile, given the same block mask
+              (with --flex; compile time is excluded; block 128 is its native size)
+  bsa         onnxprune.BlockSparseAttention with the library's CPU kernel
+The layout keeps every diagonal block plus random others up to the asked fraction, per head.
+Runs are interleaved (one of each contestant in turn) so load from other processes hits all
+alike; the table gives medians. GEMM is ORT's MatMul on 2048² × 2048² float32 matrices, the
+machine's practical float32 rate; "GFLOP/s kept" counts 4·bs²·D per computed block.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from onnxprune.runtime import library_path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from onnxprune.runtime import library_path  # noqa: E402
 
 HEADS = 12
 
 
-def block_sparse_model(block: int) -> bytes:
-    names = ["Q", "K", "V", "layout"]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8 if n == "layout" else TensorProto.FLOAT, None) for n in names]
-    node = helper.make_node("BlockSparseAttention", names, ["Y"], domain="onnxprune", block_size=block)
-    graph = helper.make_graph([node], "bsa", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("onnxprune", 1)])
+# ------------------------------------------------------------------------------------------
+# Models
+
+
+def _model(nodes, inputs, initializers=(), extra_opsets=()) -> bytes:
+    graph = helper.make_graph(
+        nodes, "bench", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=list(initializers),
+    )
+    opsets = [helper.make_opsetid("", 23)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
     return model.SerializeToString()
 
 
-def dense_model(head_size: int) -> bytes:
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Q", "K", "V")]
+def _float_inputs(names, rank=None):
+    return [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+
+
+def bsa_model(block: int) -> bytes:
+    inputs = _float_inputs("QKV") + [helper.make_tensor_value_info("layout", TensorProto.UINT8, None)]
+    node = helper.make_node("BlockSparseAttention", ["Q", "K", "V", "layout"], ["Y"],
+                            domain="onnxprune", block_size=block)
+    return _model([node], inputs, extra_opsets=[("onnxprune", 1)])
+
+
+def decomposed_model(head_size: int) -> bytes:
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / np.sqrt(head_size)])
     nodes = [
         helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
@@ -41,15 +74,29 @@ def dense_model(head_size: int) -> bytes:
         helper.make_node("Softmax", ["S2"], ["P"], axis=-1),
         helper.make_node("MatMul", ["P", "V"], ["Y"]),
     ]
-    graph = helper.make_graph(nodes, "dense", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=[scale])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    return _model(nodes, _float_inputs("QKV"), [scale])
 
 
-def session(model: bytes, threads: int, with_library: bool):
+def attention23_model() -> bytes:
+    return _model([helper.make_node("Attention", ["Q", "K", "V"], ["Y"])], _float_inputs("QKV"))
+
+
+def mha_model() -> bytes:
+    node = helper.make_node("MultiHeadAttention", ["Q", "K", "V"], ["Y"], domain="com.microsoft",
+                            num_heads=HEADS)
+    return _model([node], _float_inputs("QKV"), extra_opsets=[("com.microsoft", 1)])
+
+
+def gemm_model() -> bytes:
+    return _model([helper.make_node("MatMul", ["A", "B"], ["Y"])], _float_inputs("AB"))
+
+
+def session(model: bytes, threads: int, with_library: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # No spinning: the contestants alternate, a spinning pool would steal the other's cores.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No spinning: contestants alternate, and a spinning pool would steal the next one's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if with_library:
         options.register_custom_ops_library(library_path())
@@ -57,50 +104,264 @@ def session(model: bytes, threads: int, with_library: bool):
 
 
 def layout_with(kept: float, blocks: int, rng) -> np.ndarray:
+    """Diagonal blocks plus random others, so that about `kept` of all blocks are kept."""
     layout = rng.random((HEADS, blocks, blocks)) < max(kept - 1 / blocks, 0) / (1 - 1 / blocks)
     layout[:, np.arange(blocks), np.arange(blocks)] = True
     return layout.astype(np.uint8)
 
 
-def time_interleaved(runs: dict, repeats: int) -> dict[str, float]:
-    for sess, feeds in runs.values():
-        for _ in range(3):
-            sess.run(None, feeds)
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (sess, feeds) in runs.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+# ------------------------------------------------------------------------------------------
+# Timing
+
+
+class Contestant:
+    def __init__(self, name, run):
+        self.name, self.run, self.times = name, run, []
+
+
+def time_interleaved(contestants: list[Contestant], seconds: float, min_repeats: int = 5) -> None:
+    for c in contestants:
+        c.run()  # warm-up (allocations, first-touch)
+        c.run()
+    start = time.perf_counter()
+    repeats = 0
+    while repeats < min_repeats or time.perf_counter() - start < seconds:
+        for c in contestants:
+            t0 = time.perf_counter()
+            c.run()
+            c.times.append(time.perf_counter() - t0)
+        repeats += 1
+        if repeats >= 200:
+            break
+
+
+def median_ms(c: Contestant) -> float:
+    return float(np.median(c.times)) * 1e3
+
+
+def gemm_rate(threads: int, seconds: float) -> float:
+    n = 2048
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    sess = session(gemm_model(), threads)
+    c = Contestant("gemm", lambda: sess.run(None, {"A": a, "B": b}))
+    time_interleaved([c], seconds)
+    return 2 * n**3 / (median_ms(c) / 1e3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+# torch FlexAttention
+
+
+class Flex:
+    """flex_attention compiled once per (S, block); block masks built from the same layout."""
+
+    def __init__(self, threads: int):
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.create_block_mask = create_block_mask
+        self.compiled = torch.compile(flex_attention, dynamic=False)
+
+    def runner(self, q, k, v, layout: np.ndarray, block: int):
+        torch = self.torch
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        lay = torch.from_numpy(layout.astype(bool))
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return lay[h, q_idx // block, kv_idx // block]
+
+        s = q.shape[2]
+        mask = self.create_block_mask(mask_mod, None, HEADS, s, s, device="cpu", BLOCK_SIZE=block)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.compiled(tq, tk, tv, block_mask=mask)
+        compile_s = time.perf_counter() - t0
+
+        def run():
+            with torch.no_grad():
+                self.compiled(tq, tk, tv, block_mask=mask)
+
+        return run, out.numpy(), compile_s
+
+
+# ------------------------------------------------------------------------------------------
+# Peak memory (one contestant per child process)
+
+
+def _child_peak_mib(kind: str, s: int, d: int, block: int, kept: float, threads: int) -> None:
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, HEADS, s, d)).astype(np.float32) for _ in range(3))
+    if kind == "bsa":
+        sess = session(bsa_model(block), threads, with_library=True)
+        feeds = {"Q": q, "K": k, "V": v, "layout": layout_with(kept, -(-s // block), rng)}
+    elif kind == "mha":
+        sess = session(mha_model(), threads)
+        feeds = {n: x.transpose(0, 2, 1, 3).reshape(1, s, HEADS * d).copy() for n, x in zip("QKV", (q, k, v))}
+    else:
+        sess = session(decomposed_model(d) if kind == "decomposed" else attention23_model(), threads)
+        feeds = {"Q": q, "K": k, "V": v}
+    # The first run counts: it is when the arena and every working buffer get allocated (later
+    # runs reuse them, so their peak above the resident set would hide the working memory).
+    rss_mib = _status_kib("VmRSS") / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    sess.run(None, feeds)
+    print(f"{_status_kib('VmHWM') / 1024 - rss_mib:.1f} {rss_mib:.1f}")
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_table(args) -> None:
+    print(f"Peak memory of the first run above the resident set before it (MiB), output included; B=1, {HEADS} heads, "
+          f"D={args.head_size}, block {args.blocks[0]}, kept {args.kept[0]}, {args.threads[0]} threads")
+    print(f"{'S':>6} " + " ".join(f"{k:>12}" for k in ("decomposed", "attention", "mha", "bsa")) + f" {'bsa/best':>9}")
+    for s in args.seq:
+        peaks = {}
+        for kind in ("decomposed", "attention", "mha", "bsa"):
+            cmd = [sys.executable, __file__, "--_child", kind, str(s), str(args.head_size), str(args.blocks[0]),
+                   str(args.kept[0]), str(args.threads[0])]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+                peaks[kind] = float(out.split()[0])
+            except (subprocess.SubprocessError, ValueError, IndexError) as e:
+                print(f"  {kind}: failed ({e})", file=sys.stderr)
+                peaks[kind] = float("nan")
+        best_dense = np.nanmin([peaks[k] for k in ("decomposed", "attention", "mha")])
+        print(f"{s:>6} " + " ".join(f"{peaks[k]:>12.1f}" for k in ("decomposed", "attention", "mha", "bsa"))
+              + f" {peaks['bsa'] / best_dense:>9.3f}")
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", default=["256:32:16", "1024:64:32", "2048:64:64"], help="S:D:block")
-    parser.add_argument("--kept", type=float, nargs="+", default=[1.0, 0.5, 0.1], help="fractions of blocks kept")
-    parser.add_argument("--repeats", type=int, default=0, help="timed runs per contestant (default: by size)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096], help="sequence lengths")
+    parser.add_argument("--head-size", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64], help="block sizes")
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.1, 1.0], help="fractions of blocks kept")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="intra-op thread counts")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per table row")
+    parser.add_argument("--flex", action="store_true", help="also time torch FlexAttention (compiled)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense ORT contestants")
+    parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
+    parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._child:
+        kind, s, d, block, kept, threads = args._child
+        _child_peak_mib(kind, int(s), int(d), int(block), float(kept), int(threads))
+        return
+    if args.memory:
+        memory_table(args)
+        return
+
+    import ctypes
+
+    isa_of = ctypes.CDLL(library_path()).OnnxpruneCpuIsa
+    isa_of.restype = ctypes.c_char_p
+    print(f"CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs; onnxruntime {ort.__version__}; "
+          f"bsa kernel variant {isa_of().decode()}")
+    print(f"B=1, {HEADS} heads, D={args.head_size}, float32; median ms of interleaved runs")
+    d = args.head_size
     rng = np.random.default_rng(0)
-    print(f"B=1, heads {HEADS}, float32, {args.threads} threads; median ms of interleaved runs")
-    print(f"{'S':>5} {'D':>4} {'block':>5} {'kept':>6} {'dense ms':>9} {'bsa ms':>9} {'dense/bsa':>9} {'bsa GFLOP/s':>12} {'max |diff|':>10}")
-    for case in args.cases:
-        s, d, block = (int(x) for x in case.split(":"))
-        q, k, v = (rng.standard_normal((1, HEADS, s, d)).astype(np.float32) for _ in range(3))
-        dense = session(dense_model(d), args.threads, with_library=False)
-        sparse = session(block_sparse_model(block), args.threads, with_library=True)
-        repeats = args.repeats or max(5, min(200, int(2e9 / (4 * s * s * d * HEADS) * 3)))
-        for kept in args.kept:
-            layout = layout_with(kept, -(-s // block), rng)
-            runs = {"dense": (dense, {"Q": q, "K": k, "V": v}), "bsa": (sparse, {"Q": q, "K": k, "V": v, "layout": layout})}
-            diff = ""
-            if layout.all():
-                diff = f"{np.abs(dense.run(None, runs['dense'][1])[0] - sparse.run(None, runs['bsa'][1])[0]).max():.1e}"
-            ms = time_interleaved(runs, repeats)
-            flops = 4.0 * block * block * d * int(layout.sum())
-            print(f"{s:>5} {d:>4} {block:>5} {layout.mean():>6.3f} {ms['dense']:>9.3f} {ms['bsa']:>9.3f} "
-                  f"{ms['dense'] / ms['bsa']:>8.2f}× {flops / ms['bsa'] / 1e6:>12.1f} {diff:>10}")
+    flex = None
+    rows = []
+    for threads in args.threads:
+        gemm = gemm_rate(threads, args.seconds / 2)
+        print(f"{threads} thread(s): float32 GEMM ceiling (ORT MatMul 2048³) {gemm:.1f} GFLOP/s", flush=True)
+        if args.flex:
+            flex = Flex(threads)
+        for s in args.seq:
+            q, k, v = (rng.standard_normal((1, HEADS, s, d)).astype(np.float32) for _ in range(3))
+            qkv = {"Q": q, "K": k, "V": v}
+            dense = []
+            if not args.no_dense:
+                dec = session(decomposed_model(d), threads)
+                att = session(attention23_model(), threads)
+                mha = session(mha_model(), threads)
+                flat = {n: x.transpose(0, 2, 1, 3).reshape(1, s, HEADS * d).copy() for n, x in qkv.items()}
+                dense = [
+                    Contestant("decomposed", lambda dec=dec: dec.run(None, qkv)),
+                    Contestant("attention", lambda att=att: att.run(None, qkv)),
+                    Contestant("mha", lambda mha=mha, flat=flat: mha.run(None, flat)),
+                ]
+                ref = dec.run(None, qkv)[0]
+                for other in (att.run(None, qkv)[0],
+                              mha.run(None, flat)[0].reshape(1, s, HEADS, d).transpose(0, 2, 1, 3)):
+                    assert np.abs(other - ref).max() < 1e-4, "dense contestants disagree"
+            for block in args.blocks:
+                bsa = session(bsa_model(block), threads, with_library=True)
+                for kept in args.kept:
+                    layout = layout_with(kept, -(-s // block), rng)
+                    feeds = dict(qkv, layout=layout)
+                    out = bsa.run(None, feeds)[0]
+                    if layout.all() and dense:
+                        assert np.abs(out - ref).max() < 1e-4, "bsa with every block kept differs from dense"
+                    contestants = [c for c in dense] + [Contestant("bsa", lambda f=feeds, b=bsa: b.run(None, f))]
+                    flex_note = ""
+                    if flex is not None:
+                        run, flex_out, compile_s = flex.runner(q, k, v, layout, block)
+                        if np.abs(flex_out - out).max() > 1e-3:
+                            flex_note = " (flex output differs!)"
+                        contestants.append(Contestant("flex", run))
+                    for c in contestants:
+                        c.times = []
+                    time_interleaved(contestants, args.seconds)
+                    ms = {c.name: median_ms(c) for c in contestants}
+                    rows.append((threads, s, block, float(layout.mean()), ms, gemm,
+                                 4.0 * block * block * d * int(layout.sum()), flex_note))
+                    _print_row(rows[-1], header=len(rows) == 1, with_flex=flex is not None, file=sys.stderr)
+    for i, row in enumerate(rows):
+        _print_row(row, header=i == 0, with_flex=flex is not None)
+
+
+def _print_row(row, header: bool, with_flex: bool, file=None) -> None:
+    """One table row; progress rows go to stderr while measuring, the table to stdout at the end."""
+    file = file or sys.stdout
+    threads, s, block, kept, ms, gemm, flops, note = row
+    names = [n for n in ("decomposed", "attention", "mha") if n in ms]
+    if header:
+        cols = [f"{'thr':>3}", f"{'S':>5}", f"{'block':>5}", f"{'kept':>5}"] + [f"{n + ' ms':>13}" for n in names]
+        if with_flex:
+            cols.append(f"{'flex ms':>9}")
+        cols += [f"{'bsa ms':>8}"]
+        if names:
+            cols.append(f"{'best dense/bsa':>14}")
+        if with_flex:
+            cols.append(f"{'flex/bsa':>8}")
+        cols += [f"{'GFLOP/s kept':>12}", f"{'% of GEMM':>9}"]
+        print(" ".join(cols), file=file)
+    cols = [f"{threads:>3}", f"{s:>5}", f"{block:>5}", f"{kept:>5.3f}"] + [f"{ms[n]:>13.2f}" for n in names]
+    if with_flex:
+        cols.append(f"{ms['flex']:>9.2f}")
+    cols.append(f"{ms['bsa']:>8.2f}")
+    if names:
+        cols.append(f"{min(ms[n] for n in names) / ms['bsa']:>13.2f}×")
+    if with_flex:
+        cols.append(f"{ms['flex'] / ms['bsa']:>7.2f}×")
+    rate = flops / (ms["bsa"] / 1e3) / 1e9
+    cols += [f"{rate:>12.1f}", f"{100 * rate / gemm:>8.0f}%"]
+    print(" ".join(cols) + note, file=file, flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
