@@ -1,8 +1,8 @@
 """Heatmaps of attention sites as PNG: a pruned site's block layout, and the average attention
 from calibration statistics (with the layout's pruned blocks dimmed when there is one).
 
-Heads are drawn side by side, left to right, separated by a blue column; queries go down, keys
-go right. Layout: white = computed block, black = pruned, grey = excluded by causal masking.
+Heads are drawn side by side, left to right (up to eight per row), separated by blue lines;
+queries go down, keys go right. Layout: white = computed block, black = pruned, grey = excluded by causal masking.
 Attention: log scale over four decades below each head's maximum (dark = little attention).
 """
 
@@ -17,10 +17,13 @@ import numpy as np
 
 from onnxprune.png import colormap, write_png
 
+#: Heads per row of a picture (more heads wrap to further rows).
+HEADS_PER_ROW = 8
 #: Longest side of one head's picture, in pixels (cells are drawn as squares of whole pixels).
 TARGET_PIXELS = 384
 _SEPARATOR = np.array([0.2, 0.4, 0.8])
 _SEPARATOR_PIXELS = 2
+_EMPTY = np.array([0.85, 0.9, 1.0])  # slots of a last row with fewer heads
 _CAUSAL_GREY = 0.3
 _PRUNED_DIM = 0.3
 _DECADES = 4.0
@@ -39,15 +42,22 @@ class SiteHeatmap:
 
 
 def _side_by_side(heads: list[np.ndarray], pixels: int) -> np.ndarray:
-    """One RGB image of ``[rows, cols, 3]`` heads, each cell ``pixels`` wide, blue separators."""
+    """One RGB image of ``[rows, cols, 3]`` heads, each cell ``pixels`` wide: up to
+    ``HEADS_PER_ROW`` heads side by side per row, separated by blue lines."""
     scaled = [np.repeat(np.repeat(head, pixels, axis=0), pixels, axis=1) for head in heads]
-    separator = np.broadcast_to(_SEPARATOR, (scaled[0].shape[0], _SEPARATOR_PIXELS, 3))
-    parts = []
+    height, width = scaled[0].shape[:2]
+    per_row = min(len(scaled), HEADS_PER_ROW)
+    rows = -(-len(scaled) // per_row)
+    gap = _SEPARATOR_PIXELS
+    image = np.empty((rows * height + (rows - 1) * gap, per_row * width + (per_row - 1) * gap, 3))
+    image[:] = _SEPARATOR
+    for empty in range(len(scaled), rows * per_row):
+        r, c = divmod(empty, per_row)
+        image[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = _EMPTY
     for i, head in enumerate(scaled):
-        if i:
-            parts.append(separator)
-        parts.append(head)
-    return np.concatenate(parts, axis=1)
+        r, c = divmod(i, per_row)
+        image[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = head
+    return image
 
 
 def _cell_pixels(cells: int) -> int:

@@ -261,6 +261,11 @@ def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike
         "metadata": {k: v for k, v in meta.items() if k != METADATA_PREFIX + "sites"},
         "stats": None,
         "heatmaps": [],
+        "warnings": [
+            f"external data file {f['location']} is missing: constants stored there (scales, shapes) are unknown, "
+            "so attention sites that depend on them are reported as not matched"
+            for f in external["files"] if not f["exists"]
+        ],
     }
     if stats is not None:
         names = [s["name"] for s in dense] + [p["site"] for p in pruned]

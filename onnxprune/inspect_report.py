@@ -99,6 +99,8 @@ def format_report(info: dict) -> str:
                           ("model_sites_not_in_stats", "model sites without statistics")):
             if stats[key]:
                 out.append(f"  {text}: " + ", ".join(stats[key]))
+    for warning in info["warnings"]:
+        out.append(f"\nwarning: {warning}")
     if info["heatmaps"]:
         out.append(f"\nHeatmaps: {len(info['heatmaps'])} PNG files")
         out.extend(f"  {h['path']}" for h in info["heatmaps"])

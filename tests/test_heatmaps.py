@@ -27,6 +27,19 @@ def test_heads_side_by_side():
     image = layout_image(layout)
     cell = image.shape[0] // 4
     assert image.shape == (4 * cell, 3 * 4 * cell + 2 * 2, 3)
+    np.testing.assert_allclose(image[:, 4 * cell], np.broadcast_to([0.2, 0.4, 0.8], (4 * cell, 3)))  # separator
+
+
+def test_many_heads_wrap():
+    layout = np.zeros((12, 4, 4), np.uint8)
+    layout[11] = 1  # the last head: second row, fourth place
+    image = layout_image(layout)
+    cell = (image.shape[0] - 2) // 8
+    assert image.shape == (2 * 4 * cell + 2, 8 * 4 * cell + 7 * 2, 3)
+    top, left = 4 * cell + 2, 3 * (4 * cell + 2)
+    np.testing.assert_allclose(image[top:top + 4 * cell, left:left + 4 * cell], 1.0)
+    assert image[:top - 2].max(axis=-1).max() <= 0.8  # nothing white in the first row
+    np.testing.assert_allclose(image[top + 1, -1], [0.85, 0.9, 1.0])  # an empty slot
 
 
 def test_attention_dims_pruned_blocks():

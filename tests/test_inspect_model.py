@@ -172,6 +172,7 @@ def test_external_data_is_sized_not_loaded(capsys, tmp_path):
     missing = run_json(capsys, path)
     assert missing["external_data"]["files"][0]["exists"] is False
     assert missing["parameters"] == info["parameters"]
+    assert info["warnings"] == [] and "mlp.onnx.data is missing" in missing["warnings"][0]
     assert "MISSING" in format_report(missing)
 
 
