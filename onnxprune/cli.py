@@ -234,10 +234,13 @@ def _inspect(args, log) -> int:
 
     info = inspect(args.model, stats=args.stats, heatmaps=args.heatmaps)
     if args.heatmaps and not info["heatmaps"]:
-        log(f"onnxprune inspect: warning: no heatmap written to {args.heatmaps}: the model has no pruned sites"
-            + ("" if args.stats else " (give --stats for average attention)")
-            + ("" if not args.stats else " and the statistics name none of its sites"))
-    _print_json(info) if args.json else print(format_report(info))
+        why = ("the statistics name none of its sites" if args.stats
+               else "give --stats to draw each site's average attention")
+        log(f"onnxprune inspect: warning: no heatmap written to {args.heatmaps}: the model has no pruned sites; {why}")
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_report(info))
     return 0
 
 
