@@ -111,11 +111,11 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _add_runtime_args(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--providers", type=_providers, default=None, metavar="EP[,EP...]",
                    help="ONNX Runtime execution providers in order of preference (default CPUExecutionProvider)")
-    who = "A" if verb == "verify" else "the first model"
+    first, second = ("A", "B") if verb == "verify" else ("the first model", "the second")
     p.add_argument("--library", choices=("auto", "none", "a", "b"), default="auto",
                    help="which model runs with onnxprune's custom-op library: auto (those with onnxprune ops, "
-                        f"default), none (pruned models run their op's function body), a ({who} only), "
-                        "b (the second only)")
+                        f"default), none (pruned models run their op's function body), a ({first} only), "
+                        f"b ({second} only)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout (schema in docs/CLI.md)")
 
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", "Compare two models' outputs on the same inputs; exit 1 when B is outside the tolerances of A.",
         "Per output: max and mean absolute and relative error (relative to A, the reference) and the\n"
         "cosine similarity per example. An element fails only when it exceeds both --atol and\n"
-        "--rtol·|A| (Polygraphy's elementwise rule), or when it is NaN/inf in one model only.\n"
+        "--rtol·|A| (Polygraphy's elementwise rule), or when it is NaN, or infinite in one model only.\n"
         "Padded positions (attention_mask = 0) are left out.",
     )
     p.add_argument("a", help="reference .onnx (dense)")
