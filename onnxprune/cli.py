@@ -12,14 +12,53 @@ from onnxprune import __version__
 from onnxprune.errors import OnnxpruneError
 
 EXAMPLES = {
-    "export": "onnxprune export path/to/bert-dir -o model.onnx --seq-len 128",
-    "calibrate": "onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors",
-    "prune": "onnxprune prune model.onnx --stats stats.safetensors --sparsity 0.9 --block-size 16 -o pruned.onnx",
-    "inspect": "onnxprune inspect pruned.onnx --json",
-    "verify": "onnxprune verify model.onnx pruned.onnx --data lines.txt --tokenizer path/to/bert-dir",
-    "bench": "onnxprune bench model.onnx pruned.onnx --seq-len 256 --threads 2",
-    "demo": "onnxprune demo",
+    "export": """\
+  onnxprune export path/to/bert-dir -o model.onnx --seq-len 128
+  onnxprune export mypkg.models:build -o model.onnx --attn sdpa --opset 23""",
+    "calibrate": """\
+  onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
+  onnxprune calibrate model.onnx --data inputs.npz --max-length 512 -o stats.safetensors""",
+    "prune": """\
+  onnxprune prune model.onnx --stats stats.safetensors --sparsity 0.9 --block-size 16 -o pruned.onnx
+  onnxprune prune model.onnx --stats stats.safetensors -p 0.5 --scope head -o pruned.onnx --report report.json""",
+    "inspect": """\
+  onnxprune inspect model.onnx                       # any ONNX file: ops, weights, attention sites
+  onnxprune inspect pruned.onnx --json | jq '.pruned_sites[] | {site, density, retained_mass}'
+  onnxprune inspect pruned.onnx --stats stats.safetensors --heatmaps maps/   # layout + attention PNGs
+  onnxprune inspect big.onnx                         # external data is sized, never loaded""",
+    "verify": """\
+  onnxprune verify model.onnx pruned.onnx --data lines.txt --tokenizer path/to/bert-dir
+  onnxprune verify model.onnx pruned.onnx --data inputs.npz --atol 1e-3 --rtol 1e-2 --json
+  onnxprune verify model.onnx pruned.onnx --seq-len 128 --limit 16   # random inputs, no data file
+  onnxprune verify pruned.onnx pruned.onnx --library b               # function body (A) vs kernel (B)""",
+    "bench": """\
+  onnxprune bench model.onnx pruned.onnx --seq-len 256 --threads 2
+  onnxprune bench model.onnx pruned.onnx --seq-len 1024 --batch 4 --warmup 5 --repeat 50 --json
+  onnxprune bench pruned.onnx pruned.onnx --library b                # function body vs kernel""",
+    "demo": """\
+  onnxprune demo
+  onnxprune demo --sparsity 0.5 0.8 0.9 --block-size 32 --out out/demo32""",
 }
+
+EXIT_CODES = """\
+exit status:
+  0  success
+  1  verify: some output is outside the tolerances
+  2  bad input, usage, or ONNX Runtime refused the model or its inputs (one line on stderr)
+  3  an unexpected error (a bug: rerun with --debug for the traceback)"""
+
+PIPELINE = """\
+pipeline:
+  onnxprune export path/to/bert-dir -o model.onnx
+  onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
+  onnxprune prune model.onnx --stats stats.safetensors --sparsity 0.9 -o pruned.onnx
+  onnxprune inspect pruned.onnx --stats stats.safetensors --heatmaps maps/
+  onnxprune verify model.onnx pruned.onnx --data lines.txt --tokenizer path/to/bert-dir
+  onnxprune bench model.onnx pruned.onnx --seq-len 256
+
+`onnxprune VERB --help` explains each verb with examples.
+
+"""
 
 
 def _probability(text: str) -> float:
@@ -36,31 +75,67 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="text file (one example per line) or .npz of model inputs")
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _providers(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one execution provider")
+    return names
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    help_text = "text file (one example per line) or .npz of model inputs"
+    if not required:
+        help_text += "; without it, random inputs of --seq-len (--limit of them, default 8)"
+    p.add_argument("--data", required=required, help=help_text)
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (for a text file)")
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per input (default 256)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="inputs per run (default 8)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=_positive, default=8,
+                   help="inputs per run (default 8)")
     p.add_argument("--limit", type=_positive, help="use at most this many inputs")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--providers", type=_providers, default=None, metavar="EP[,EP...]",
+                   help="ONNX Runtime execution providers in order of preference (default CPUExecutionProvider)")
+    first, second = ("A", "B") if verb == "verify" else ("the first model", "the second")
+    p.add_argument("--library", choices=("auto", "none", "a", "b"), default="auto",
+                   help="which model runs with onnxprune's custom-op library: auto (those with onnxprune ops, "
+                        f"default), none (pruned models run their op's function body), a ({first} only), "
+                        f"b ({second} only)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout (schema in docs/CLI.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxprune",
         description="Learn data-informed block-sparse attention masks (AP) and ship them as portable ONNX files.",
-        epilog="Pipeline: export → calibrate → prune → verify / bench. `onnxprune VERB --help` for each verb.",
+        epilog=PIPELINE + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or step messages")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars, step messages or warnings")
     common.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: all cores)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+    def verb(name: str, help_text: str, details: str = "") -> argparse.ArgumentParser:
         return verbs.add_parser(
-            name, parents=[common], help=help_text, description=help_text,
-            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, parents=[common], help=help_text, description=help_text + ("\n\n" + details if details else ""),
+            epilog=f"examples:\n{EXAMPLES[name]}\n\n{EXIT_CODES}", formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     p = verb("export", "Export a transformers model directory (or module:function) to ONNX, checked against PyTorch.")
@@ -86,25 +161,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output pruned .onnx")
     p.add_argument("--report", help="also write the prune report as JSON here")
 
-    p = verb("inspect", "Show ops, attention sites (and why others did not match), layouts and metadata.")
+    p = verb(
+        "inspect", "Show what an ONNX file holds: I/O, ops, weights, attention sites, layouts, pruning metadata.",
+        "Works on any ONNX file and never loads external weights (their sizes come from the file's\n"
+        "external-data entries). Each attention site is listed with its form, heads, head size, scale,\n"
+        "mask and causality; each Softmax/Attention that is not a site, with the reason. A pruned\n"
+        "model's sites show their block layout, density and retained attention mass.",
+    )
     p.add_argument("model", help="any .onnx")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--heatmaps", metavar="DIR", help="write one PNG per pruned site's layout here")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema onnxprune.inspect/1, docs/CLI.md)")
+    p.add_argument("--heatmaps", metavar="DIR", help="write PNGs here: each pruned site's layout and, with --stats, "
+                                                     "each site's average attention (pruned blocks dimmed)")
+    p.add_argument("--stats", metavar="FILE", help="calibration statistics: average attention per site for --heatmaps, "
+                                                   "and the mass each pruned layout keeps under them")
 
-    p = verb("verify", "Compare two models' outputs on data (an element fails only when over --atol and --rtol).")
+    p = verb(
+        "verify", "Compare two models' outputs on the same inputs; exit 1 when B is outside the tolerances of A.",
+        "Per output: max and mean absolute and relative error (relative to A, the reference) and the\n"
+        "cosine similarity per example. An element fails only when it exceeds both --atol and\n"
+        "--rtol·|A| (Polygraphy's elementwise rule), or when it is NaN, or infinite in one model only.\n"
+        "Padded positions (attention_mask = 0) are left out.",
+    )
     p.add_argument("a", help="reference .onnx (dense)")
     p.add_argument("b", help="candidate .onnx (pruned)")
-    _add_data_args(p)
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_data_args(p, required=False)
+    p.add_argument("--seq-len", type=_positive, default=128, help="positions of the random inputs without --data (default 128)")
+    p.add_argument("--atol", type=_tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=_tolerance, default=1e-3, help="relative tolerance (default 1e-3)")
+    _add_runtime_args(p, "verify")
 
-    p = verb("bench", "Latency of one or two models in ONNX Runtime, side by side in one run.")
-    p.add_argument("models", nargs="+", help="one or more .onnx")
+    p = verb(
+        "bench", "Latency of one or more models in ONNX Runtime, side by side in one run, with ratios.",
+        "Runs are interleaved (A, B, A, B, ...) on the same random inputs, after --warmup untimed runs\n"
+        "each; the table gives the median, the spread (p10-p90 and the interquartile range) and each\n"
+        "model's speed-up over the first.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="one or more .onnx (the first is the baseline)")
     p.add_argument("--seq-len", type=_positive, default=256, help="tokens (default 256)")
-    p.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
-    p.add_argument("--repeats", type=_positive, default=20, help="timed runs per model (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per model (default 3)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=_positive, default=1, help="batch size (default 1)")
+    p.add_argument("--repeat", "--repeats", dest="repeat", type=_positive, default=20,
+                   help="timed runs per model (default 20)")
+    p.add_argument("--warmup", type=_non_negative, default=3, help="untimed runs per model first (default 3)")
+    _add_runtime_args(p, "bench")
 
     p = verb("demo", "The whole pipeline on all-MiniLM-L6-v2 and standard-library docstrings.")
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
@@ -124,6 +222,85 @@ def _dataset(args, model_path):
 
 def _log(args):
     return (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr))
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, allow_nan=True))
+
+
+def _inspect(args, log) -> int:
+    from onnxprune.inspect_model import inspect
+    from onnxprune.inspect_report import format_report
+
+    info = inspect(args.model, stats=args.stats, heatmaps=args.heatmaps)
+    if args.heatmaps and not info["heatmaps"]:
+        why = ("the statistics name none of its sites" if args.stats
+               else "give --stats to draw each site's average attention")
+        log(f"onnxprune inspect: warning: no heatmap written to {args.heatmaps}: the model has no pruned sites; {why}")
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_report(info))
+    return 0
+
+
+def _verify(args, log) -> int:
+    from onnxprune.bench import check_providers
+    from onnxprune.synthetic import synthetic_dataset
+    from onnxprune.tables import table
+    from onnxprune.verify import compare_outputs, library_use
+
+    providers = check_providers(args.providers)
+    if args.data:
+        dataset, source = _dataset(args, args.b), args.data
+    else:
+        count = args.limit or 8
+        dataset, source = synthetic_dataset(args.b, count, args.seq_len), f"random ({count} x {args.seq_len} positions)"
+    results = compare_outputs(args.a, args.b, dataset, args.atol, args.rtol, args.batch_size, args.threads,
+                              not args.quiet, providers=providers, library=args.library)
+    passed = all(r.passed for r in results)
+    if args.json:
+        _print_json({
+            "schema": "onnxprune.verify/1", "a": args.a, "b": args.b, "data": source, "examples": len(dataset),
+            "atol": args.atol, "rtol": args.rtol, "providers": providers,
+            "library": {"a": library_use(args.a, args.library, "a"), "b": library_use(args.b, args.library, "b")},
+            "passed": passed, "outputs": [r.to_json() for r in results],
+        })
+    else:
+        print(f"A {args.a}\nB {args.b}\n{len(dataset)} inputs from {source}; "
+              f"an element fails when |A - B| > {args.atol:g} and > {args.rtol:g}·|A|")
+        print(table(
+            ("output", "max abs", "mean abs", "max rel", "mean rel", "cos mean", "cos min", "failed", "result"),
+            [(r.name, r.max_abs, r.mean_abs, r.max_rel, r.mean_rel, f"{r.cosine_mean:.6f}", f"{r.cosine_min:.6f}",
+              f"{r.failed_elements}/{r.elements}", "PASS" if r.passed else "FAIL") for r in results],
+        ))
+        print("PASSED" if passed else "FAILED: " + ", ".join(r.name for r in results if not r.passed))
+    return 0 if passed else 1
+
+
+def _bench(args, log) -> int:
+    from onnxprune.bench import bench
+    from onnxprune.tables import table
+
+    timings = bench(args.models, args.seq_len, args.batch, args.threads, args.warmup, args.repeat, not args.quiet,
+                    providers=args.providers, library=args.library)
+    base = timings[0].median_ms
+    if args.json:
+        _print_json({
+            "schema": "onnxprune.bench/1", "batch": args.batch, "seq_len": args.seq_len, "threads": args.threads,
+            "warmup": args.warmup, "repeat": args.repeat,
+            "models": [dict(t.to_json(), speedup_vs_first=base / t.median_ms) for t in timings],
+        })
+        return 0
+    print(f"batch {args.batch}, {args.seq_len} positions, threads {args.threads or 'ORT default'}, "
+          f"{args.warmup} warm-up + {args.repeat} timed runs per model, interleaved; "
+          f"providers {', '.join(timings[0].providers)}")
+    print(table(
+        ("#", "model", "library", "median ms", "p10", "p90", "IQR", "min", "speed-up"),
+        [(i, t.model, t.library, f"{t.median_ms:.3f}", f"{t.p10_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.iqr_ms:.3f}",
+          f"{t.min_ms:.3f}", f"{base / t.median_ms:.2f}x") for i, t in enumerate(timings)],
+    ))
+    return 0
 
 
 def run(args) -> int:
@@ -147,6 +324,7 @@ def run(args) -> int:
         from onnxprune.model_io import atomic_path, file_sha256, save_model
         from onnxprune.prune import prune
         from onnxprune.stats import Stats
+        from onnxprune.tables import table
 
         stats = Stats.load(args.stats)
         model, report = prune(args.model, stats, args.sparsity, args.block_size, args.scope,
@@ -155,41 +333,16 @@ def run(args) -> int:
         if args.report:
             with atomic_path(args.report) as tmp:
                 tmp.write_text(json.dumps(report.to_json(), indent=2))
-        print(f"{'site':40} {'form':16} {'causal':>6} {'density':>8} {'retained':>9}")
-        for s in report.sites:
-            print(f"{s.name[:40]:40} {s.form:16} {str(s.causal):>6} {s.density:>8.3f} {s.retained_mass:>9.3f}")
+        print(table(("site", "form", "causal", "density", "retained"),
+                    [(s.name, s.form, s.causal, f"{s.density:.3f}", f"{s.retained_mass:.3f}") for s in report.sites]))
         print(f"wrote {args.output}: p = {args.sparsity}, block {args.block_size}, scope {args.scope}, "
               f"effective sparsity on the calibration inputs {report.effective_sparsity:.3f}")
     elif args.verb == "inspect":
-        from onnxprune.inspect_model import format_report, inspect, write_heatmaps
-
-        info = inspect(args.model)
-        if args.heatmaps:
-            info["heatmaps"] = write_heatmaps(args.model, args.heatmaps)
-        print(json.dumps(info, indent=2) if args.json else format_report(info))
+        return _inspect(args, log)
     elif args.verb == "verify":
-        from onnxprune.verify import compare_outputs
-
-        results = compare_outputs(args.a, args.b, _dataset(args, args.b), args.atol, args.rtol,
-                                  args.batch_size, args.threads, show)
-        if args.json:
-            print(json.dumps([dict(r.__dict__, passed=r.passed) for r in results], indent=2))
-        else:
-            print(f"{'output':24} {'max abs':>10} {'mean abs':>10} {'max rel':>10} {'cos mean':>9} {'cos min':>9}  result")
-            for r in results:
-                print(f"{r.name[:24]:24} {r.max_abs:>10.3e} {r.mean_abs:>10.3e} {r.max_rel:>10.3e} "
-                      f"{r.cosine_mean:>9.5f} {r.cosine_min:>9.5f}  "
-                      + ("PASS" if r.passed else f"FAIL ({r.failed_elements}/{r.elements} elements over atol {args.atol} and rtol {args.rtol})"))
-        return 0 if all(r.passed for r in results) else 1
+        return _verify(args, log)
     elif args.verb == "bench":
-        from onnxprune.bench import bench
-
-        timings = bench(args.models, args.seq_len, args.batch, args.threads, args.warmup, args.repeats, show)
-        base = timings[0].median_ms
-        print(f"batch {args.batch}, {args.seq_len} tokens, threads {args.threads or 'default'}, {args.repeats} interleaved runs")
-        print(f"{'model':40} {'median ms':>10} {'p10':>8} {'p90':>8} {'vs first':>9}")
-        for t in timings:
-            print(f"{t.model[-40:]:40} {t.median_ms:>10.2f} {t.p10_ms:>8.2f} {t.p90_ms:>8.2f} {base / t.median_ms:>8.2f}×")
+        return _bench(args, log)
     elif args.verb == "demo":
         from onnxprune.demo import run_demo
 
@@ -217,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         message = textwrap.shorten(str(e).replace("\n", " "), 300)
         print(f"onnxprune {args.verb}: error: {type(e).__name__}: {message} (rerun with --debug for the traceback)",
               file=sys.stderr)
-        return 1
+        return 3
 
 
 if __name__ == "__main__":

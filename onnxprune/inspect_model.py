@@ -1,126 +1,288 @@
-"""What is in an ONNX file: op counts, attention sites (and why others did not match), layouts."""
+"""What is in an ONNX file, as a JSON-ready dict (schema ``onnxprune.inspect/1``, docs/CLI.md).
+
+Works on any ONNX file: the weights are never loaded (external data stays on disk; sizes come
+from the tensors' headers and external-data entries). Attention sites come from the same rules
+that calibrate and prune use; a pruned model's ``onnxprune.BlockSparseAttention`` nodes are read
+with their layouts and the metadata prune wrote. With calibration statistics, each site also
+gets its average attention (for heatmaps) and, for a pruned site, the attention mass its layout
+keeps under those statistics.
+"""
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
 from onnxprune import op_schema
-from onnxprune.model_io import load_ir
+from onnxprune.errors import OnnxpruneError
+from onnxprune.heatmaps import SiteHeatmap
+from onnxprune.layouts import _block_sum
+from onnxprune.model_io import file_sha256, load_ir, load_proto
 from onnxprune.passes.unify_mask_inputs import attention_nodes
 from onnxprune.rules import find_sites
+from onnxprune.stats import Stats
+
+SCHEMA = "onnxprune.inspect/1"
+METADATA_PREFIX = "onnxprune."
+
+#: Prune metadata (``onnxprune.<key>``) and how to read each value.
+_PRUNING_FIELDS = {
+    "version": str, "sparsity": float, "scope": str, "block_size": int,
+    "keep_diagonal": lambda v: bool(int(v)), "stats_sha256": str, "calibration_samples": int,
+    "effective_sparsity": float,
+}
 
 
-def inspect(path: str | os.PathLike) -> dict:
-    model = load_ir(path)
-    graph = model.graph
-    ops = collections.Counter(
-        (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in graph
-    )
-    discovery = find_sites(model)
-    pruned = []
-    for node in attention_nodes(graph):
-        layout = node.inputs[3].const_value.numpy() if node.inputs[3].const_value is not None else None
-        pruned.append(
-            {
-                "node": node.name,
-                "block_size": node.attributes["block_size"].as_int(),
-                "is_causal": bool(node.attributes["is_causal"].as_int()),
-                "layout_shape": list(layout.shape) if layout is not None else None,
-                "layout_density": float((layout != 0).mean()) if layout is not None else None,
-                "layout": node.inputs[3].name,
-            }
-        )
-    meta = dict(model.metadata_props)
-    site_meta = json.loads(meta.get("onnxprune.sites", "{}"))
-    for entry, (_, info) in zip(pruned, site_meta.items()):
-        entry.update({"retained_mass": info.get("retained_mass"), "density_counted": info.get("density")})
-    return {
-        "path": str(path),
-        "opsets": dict(model.opset_imports),
-        "inputs": [{"name": v.name, "type": str(v.dtype), "shape": _shape(v)} for v in graph.inputs],
-        "outputs": [{"name": v.name, "type": str(v.dtype), "shape": _shape(v)} for v in graph.outputs],
-        "op_counts": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-        "attention_sites": [
-            {
-                "name": s.name, "form": s.form, "heads": s.num_heads, "head_size": s.head_size,
-                "scale": s.scale, "mask": s.mask_kind, "is_causal": s.is_causal,
-            }
-            for s in discovery.sites
-        ],
-        "unmatched": [{"node": n, "reason": r} for n, r in discovery.unmatched],
-        "pruned_sites": pruned,
-        "metadata": {k: v for k, v in meta.items() if k.startswith("onnxprune.") and k != "onnxprune.sites"},
-    }
+def _op_name(domain: str, op_type: str) -> str:
+    return (f"{domain}." if domain not in ("", "ai.onnx") else "") + op_type
 
 
-def _shape(value) -> list | None:
+def _shape(value: ir.Value) -> list | None:
     if value.shape is None:
         return None
     return [d if isinstance(d, int) else str(d) for d in value.shape]
 
 
-def format_report(info: dict) -> str:
-    lines = [f"{info['path']}", f"  opsets: {info['opsets']}"]
-    for kind in ("inputs", "outputs"):
-        for v in info[kind]:
-            lines.append(f"  {kind[:-1]:6} {v['name']}: {v['type']} {v['shape']}")
-    lines.append("  ops: " + ", ".join(f"{k}×{v}" for k, v in info["op_counts"].items()))
-    lines.append(f"  attention sites found: {len(info['attention_sites'])}")
-    for s in info["attention_sites"]:
-        lines.append(
-            f"    {s['name']}: {s['form']}, heads {s['heads']}, head size {s['head_size']}, "
-            f"scale {s['scale']:.4g}, mask {s['mask']}, causal {s['is_causal']}"
-        )
-    for u in info["unmatched"]:
-        lines.append(f"    not matched: {u['node']}: {u['reason']}")
-    if info["pruned_sites"]:
-        lines.append(f"  {op_schema.DOMAIN}.{op_schema.OP_TYPE} nodes: {len(info['pruned_sites'])}")
-        lines.append(f"    {'node':40} {'block':>5} {'layout':>12} {'density':>8} {'retained':>9}")
-        for p in info["pruned_sites"]:
-            mass = p.get("retained_mass")
-            lines.append(
-                f"    {p['node'][:40]:40} {p['block_size']:>5} {'x'.join(map(str, p['layout_shape'] or [])):>12} "
-                f"{p['layout_density']:>8.3f} {mass if mass is None else f'{mass:.3f}':>9}"
-            )
-    for k, v in info["metadata"].items():
-        lines.append(f"  {k}: {v}")
-    return "\n".join(lines)
+def _io(value: ir.Value) -> dict:
+    return {"name": value.name, "type": str(value.dtype) if value.dtype is not None else None, "shape": _shape(value)}
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """A grayscale PNG from values in [0, 1] (no plotting library needed)."""
-    pixels = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+def _tensor_bytes(tensor: onnx.TensorProto, count: int) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return math.ceil(count * ir.DataType(tensor.data_type).itemsize)
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 0, 0, 0, 0)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+def _parameters_and_external(proto: onnx.ModelProto, base: Path) -> tuple[dict, dict]:
+    """Initializer counts and sizes (layouts apart), and where external data lives."""
+    by_type: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"tensors": 0, "count": 0, "bytes": 0})
+    files: dict[str, dict] = {}
+    for tensor in proto.graph.initializer:
+        count = math.prod(tensor.dims)
+        size = _tensor_bytes(tensor, count)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            location = entries.get("location", "")
+            info = files.setdefault(location, {"location": location, "tensors": 0, "bytes": 0})
+            info["tensors"] += 1
+            info["bytes"] += size
+        if tensor.name.startswith(op_schema.LAYOUT_PREFIX):
+            continue  # a layout is the pruning's, not the model's weights: listed per site
+        entry = by_type[str(ir.DataType(tensor.data_type))]
+        entry["tensors"] += 1
+        entry["count"] += count
+        entry["bytes"] += size
+    for info in files.values():
+        path = base / info["location"]
+        info["exists"] = path.is_file()
+        info["file_bytes"] = path.stat().st_size if path.is_file() else None
+    parameters = {
+        "tensors": sum(e["tensors"] for e in by_type.values()),
+        "count": sum(e["count"] for e in by_type.values()),
+        "bytes": sum(e["bytes"] for e in by_type.values()),
+        "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+    }
+    external = {
+        "tensors": sum(f["tensors"] for f in files.values()),
+        "bytes": sum(f["bytes"] for f in files.values()),
+        "files": sorted(files.values(), key=lambda f: f["location"]),
+    }
+    return parameters, external
 
 
-def write_heatmaps(path: str | os.PathLike, out_dir: str | os.PathLike, scale: int = 8) -> list[str]:
-    """One PNG per pruned site: its layout, heads side by side (white = computed block)."""
-    model = load_ir(path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, node in enumerate(attention_nodes(model.graph)):
-        layout = node.inputs[3].const_value
-        if layout is None:
-            continue
-        layout = layout.numpy() != 0
-        heads = [np.pad(h, ((0, 0), (0, 1)), constant_values=0.5) for h in layout]
-        image = np.concatenate(heads, axis=1).astype(float)
-        image = np.kron(image, np.ones((scale, scale)))
-        file = out / f"site{index:02d}_layout.png"
-        write_png(file, image)
-        written.append(str(file))
-    return written
+def _int_dim(value: ir.Value | None, axis: int) -> int | None:
+    if value is None or value.shape is None or len(value.shape) <= axis:
+        return None
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else None
+
+
+def _mask(value: ir.Value | None) -> dict | None:
+    if value is None:
+        return None
+    return {"name": value.name, "kind": "bool" if value.dtype == ir.DataType.BOOL else "float", "shape": _shape(value)}
+
+
+def _dense_site(site) -> dict:
+    kv = site.k if site.k is not None else site.k_transposed
+    return {
+        "name": site.name,
+        "form": site.form,
+        "heads": site.num_heads,
+        "kv_heads": _int_dim(kv, 1),
+        "head_size": site.head_size,
+        "scale": float(site.scale),
+        "mask": _mask(site.mask),
+        "is_causal": bool(site.is_causal),
+    }
+
+
+def _pruned_site(node: ir.Node, recorded: dict) -> tuple[dict, np.ndarray | None]:
+    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+    q, k, _, layout_value, attn_mask, key_padding = inputs[:6]
+    name = layout_value.name if layout_value is not None else ""
+    site = name[len(op_schema.LAYOUT_PREFIX):] if name.startswith(op_schema.LAYOUT_PREFIX) else node.name
+    layout = None
+    if layout_value is not None and layout_value.const_value is not None:
+        layout = layout_value.const_value.numpy()
+    attr = node.attributes
+    scale = attr["scale"].as_float() if "scale" in attr else None
+    head_size = _int_dim(q, 3)
+    if scale is None and head_size:
+        scale = 1.0 / math.sqrt(head_size)
+    meta = recorded.get(site, {})
+    entry = {
+        "site": site,
+        "node": node.name,
+        "heads": _int_dim(q, 1),
+        "kv_heads": _int_dim(k, 1),
+        "head_size": head_size,
+        "scale": scale,
+        "is_causal": bool(attr["is_causal"].as_int()) if "is_causal" in attr else False,
+        "block_size": attr["block_size"].as_int() if "block_size" in attr else None,
+        "layout_shape": list(layout.shape) if layout is not None else None,
+        "layout_density": float((layout != 0).mean()) if layout is not None else None,
+        "density": meta.get("density"),
+        "retained_mass": meta.get("retained_mass"),
+        "attn_mask": _mask(attn_mask),
+        "key_padding_mask": key_padding is not None,
+    }
+    return entry, layout
+
+
+def _pruning(meta: dict[str, str]) -> dict | None:
+    if not any(k.startswith(METADATA_PREFIX) for k in meta):
+        return None
+    pruning = {}
+    for key, read in _PRUNING_FIELDS.items():
+        raw = meta.get(METADATA_PREFIX + key)
+        try:
+            pruning[key] = read(raw) if raw is not None else None
+        except ValueError:
+            pruning[key] = None
+    return pruning
+
+
+def retained_mass(stats: Stats, site: str, layout: np.ndarray, block_size: int) -> float | None:
+    """Share of the statistics' attention mass inside the layout's computed blocks."""
+    if block_size % stats.granularity:
+        return None
+    mass = _block_sum(stats.sums[site], block_size // stats.granularity)  # [H, M, M]
+    heads, mq, mk = mass.shape
+    if layout.shape[0] not in (1, heads):
+        return None
+    kept = np.zeros(mass.shape, bool)
+    q, k = min(mq, layout.shape[1]), min(mk, layout.shape[2])
+    kept[:, :q, :k] = np.broadcast_to(layout[:, :q, :k] != 0, (heads, q, k))
+    total = mass.sum()
+    return float(mass[kept].sum() / total) if total > 0 else None
+
+
+def _stats_section(stats: Stats, stats_path, model_path, pruning: dict | None, site_names: list[str]) -> dict:
+    if pruning is not None and pruning.get("stats_sha256"):
+        matches = pruning["stats_sha256"] == file_sha256(stats_path)
+    else:
+        matches = stats.model_sha256 == file_sha256(model_path)
+    return {
+        "path": str(stats_path),
+        "granularity": stats.granularity,
+        "max_length": stats.max_length,
+        "num_samples": stats.num_samples,
+        "matches_model": matches,
+        "sites_not_in_model": [s for s in stats.sites if s not in site_names],
+        "model_sites_not_in_stats": [s for s in site_names if s not in stats.sites],
+    }
+
+
+def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike | None = None) -> tuple[dict, list[SiteHeatmap]]:
+    """The inspection dict and, per site, what a heatmap can show."""
+    path = Path(path)
+    proto = load_proto(path, load_external_data=False)
+    model = load_ir(path, load_external_data=False)
+    graph = model.graph
+    stats = Stats.load(stats_path) if stats_path is not None else None
+
+    ops = collections.Counter(_op_name(n.domain, n.op_type) for n in graph)
+    discovery = find_sites(model)
+    op_types = {n.name: n.op_type for n in graph}
+    meta = dict(model.metadata_props)
+    try:
+        recorded = json.loads(meta.get(METADATA_PREFIX + "sites", "{}"))
+    except json.JSONDecodeError:
+        recorded = {}
+    pruning = _pruning(meta)
+
+    heatmaps: list[SiteHeatmap] = []
+    pruned = []
+    for node in attention_nodes(graph):
+        entry, layout = _pruned_site(node, recorded)
+        if stats is not None and entry["site"] in stats.sites and layout is not None and entry["block_size"]:
+            entry["retained_mass_under_stats"] = retained_mass(stats, entry["site"], layout, entry["block_size"])
+        pruned.append(entry)
+        heatmaps.append(SiteHeatmap(entry["site"], layout, entry["block_size"], entry["is_causal"]))
+    dense = [_dense_site(s) for s in discovery.sites]
+    heatmaps.extend(SiteHeatmap(s["name"], is_causal=s["is_causal"]) for s in dense)
+    if stats is not None:
+        for h in heatmaps:
+            if h.name in stats.sites:
+                h.attention, h.granularity = stats.mean(h.name), stats.granularity
+
+    parameters, external = _parameters_and_external(proto, path.resolve().parent)
+    info = {
+        "schema": SCHEMA,
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "ir_version": proto.ir_version,
+        "producer": " ".join(p for p in (proto.producer_name, proto.producer_version) if p) or None,
+        "opsets": {(d or "ai.onnx"): v for d, v in sorted(model.opset_imports.items())},
+        "inputs": [_io(v) for v in graph.inputs if not v.is_initializer()],
+        "outputs": [_io(v) for v in graph.outputs],
+        "nodes": len(graph),
+        "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "functions": sorted(f"{_op_name(d, n)}" for d, n, _ in model.functions),
+        "parameters": parameters,
+        "external_data": external,
+        "attention_sites": dense,
+        "unmatched": [{"node": n, "op_type": op_types.get(n), "reason": r} for n, r in discovery.unmatched],
+        "pruned_sites": pruned,
+        "pruning": pruning,
+        "metadata": {k: v for k, v in meta.items() if k != METADATA_PREFIX + "sites"},
+        "stats": None,
+        "heatmaps": [],
+        "warnings": [
+            f"external data file {f['location']} is missing: constants stored there (scales, shapes) are unknown, "
+            "so attention sites that depend on them are reported as not matched"
+            for f in external["files"] if not f["exists"]
+        ],
+    }
+    if stats is not None:
+        names = [s["name"] for s in dense] + [p["site"] for p in pruned]
+        info["stats"] = _stats_section(stats, stats_path, path, pruning, names)
+    return info, heatmaps
+
+
+def inspect(path: str | os.PathLike, stats: str | os.PathLike | None = None,
+            heatmaps: str | os.PathLike | None = None) -> dict:
+    """``onnxprune inspect``: the dict of schema ``onnxprune.inspect/1``; with ``heatmaps`` (a
+    directory) also one PNG per site and picture (listed under ``"heatmaps"``)."""
+    from onnxprune.heatmaps import write_heatmaps
+
+    info, sites = inspect_with_heatmaps(path, stats)
+    if heatmaps is not None:
+        drawable = [s for s in sites if s.layout is not None or s.attention is not None]
+        if Path(heatmaps).exists() and not Path(heatmaps).is_dir():
+            raise OnnxpruneError(f"{heatmaps}: exists and is not a directory")
+        info["heatmaps"] = write_heatmaps(drawable, heatmaps)
+    return info

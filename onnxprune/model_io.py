@@ -59,15 +59,55 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
-def load_ir(path: str | os.PathLike) -> ir.Model:
-    """The model as onnx_ir, with shapes inferred and every node named."""
-    proto = load_proto(path)
+#: External tensors up to this size are read even when the weights are not (see ``load_ir``).
+SMALL_TENSOR_BYTES = 1024
+
+
+def _load_small_external_tensors(proto: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        length = int(entries.get("length", -1))
+        file = base_dir / entries.get("location", "")
+        if not 0 <= length <= SMALL_TENSOR_BYTES or not file.is_file() or base_dir not in file.resolve().parents:
+            continue
+        with open(file, "rb") as f:
+            f.seek(int(entries.get("offset", 0)))
+            data = f.read(length)
+        if len(data) != length:
+            continue  # a truncated file: leave the tensor external, as it was
+        tensor.raw_data = data
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def load_ir(path: str | os.PathLike, load_external_data: bool = True) -> ir.Model:
+    """The model as onnx_ir, with shapes inferred and every node named.
+
+    With ``load_external_data=False`` the weights stay on disk: only tensors of at most
+    ``SMALL_TENSOR_BYTES`` are read (shapes, scales: what shape inference and the rules need);
+    onnx_ir memory-maps any other tensor only if asked for its values, so a model of any size
+    can be inspected.
+    """
+    proto = load_proto(path, load_external_data=load_external_data)
+    if not load_external_data:
+        _load_small_external_tensors(proto, Path(path).resolve().parent)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are a help for matching, not a requirement
         pass
     ensure_node_names(proto)
-    return ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    if not load_external_data:
+        ir.external_data.set_base_dir(model.graph, Path(path).resolve().parent)
+    return model
+
+
+def uses_domain(path: str | os.PathLike, domain: str) -> bool:
+    """Whether the model imports ``domain`` or has a node in it (weights not loaded)."""
+    proto = load_proto(path, load_external_data=False)
+    return any(o.domain == domain for o in proto.opset_import) or any(n.domain == domain for n in proto.graph.node)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Progress bars on stderr (tqdm), silent when asked or when output is not a terminal in CI."""
+"""Progress bars on stderr (tqdm), silent when asked or when stderr is not a terminal (CI, logs)."""
 
 from __future__ import annotations
 
@@ -14,4 +14,5 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
         return
     from tqdm import tqdm
 
-    yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+    # disable=None: tqdm draws only on a terminal, so piped or logged runs stay clean.
+    yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, disable=None)

@@ -76,3 +76,13 @@ def session(
         return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # ORT raises its own exception types for bad models
         raise OnnxpruneError(f"ONNX Runtime cannot load the model: {e}".splitlines()[0]) from None
+
+
+def run(sess, feeds: dict, model: str | os.PathLike = "the model") -> list:
+    """``sess.run(None, feeds)``, with ONNX Runtime's failure (a bad input size, say) as one line."""
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+        if "onnxruntime" not in type(e).__module__:
+            raise
+        raise OnnxpruneError(f"ONNX Runtime failed running {model}: " + " ".join(str(e).split())) from None

@@ -61,12 +61,23 @@ def test_pipeline_outputs(workspace, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["op_counts"]["onnxprune.BlockSparseAttention"] == 2
     assert len(info["pruned_sites"]) == 2 and info["metadata"]["onnxprune.sparsity"] == "0.5"
+    assert [h["kind"] for h in info["heatmaps"]] == ["layout", "layout"]
     for png in info["heatmaps"]:
-        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert open(png["path"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     assert main(["inspect", str(workspace["model"]), "--json"]) == 0
     dense_info = json.loads(capsys.readouterr().out)
     assert [s["form"] for s in dense_info["attention_sites"]] == ["eager", "eager"]
+    assert all((s["heads"], s["head_size"]) == (4, 8) for s in dense_info["attention_sites"])
+
+    # With the statistics: average-attention heatmaps too, and the mass the layouts keep.
+    assert main(["inspect", str(workspace["pruned"]), "--json", "--stats", str(workspace["stats"]),
+                 "--heatmaps", str(workspace["root"] / "png2")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["stats"]["matches_model"] is True
+    assert [h["kind"] for h in info["heatmaps"]] == ["layout", "attention"] * 2
+    for site in info["pruned_sites"]:
+        assert abs(site["retained_mass_under_stats"] - site["retained_mass"]) < 1e-5
 
 
 def test_verify_pass_and_fail(workspace, capsys, tmp_path):
@@ -85,6 +96,29 @@ def test_bench_side_by_side(workspace, capsys):
                  "--repeats", "3", "--warmup", "1", "-q"]) == 0
     out = capsys.readouterr().out
     assert "model.onnx" in out and "pruned.onnx" in out
+
+
+VERBS = ("export", "calibrate", "prune", "inspect", "verify", "bench", "demo")
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_has_examples(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"onnxprune {verb}" in out.split("examples:")[1]
+    assert "exit status:" in out
+    for flag in ("--debug", "--quiet", "--threads"):  # the same everywhere
+        assert flag in out
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(verb in out for verb in VERBS) and "pipeline:" in out
 
 
 def _error_line(capsys) -> str:
