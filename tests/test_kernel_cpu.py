@@ -312,12 +312,15 @@ def test_float_mask_finite_all_keys_is_uniform(ops_library, rng):
                                atol=ATOL, rtol=RTOL)
 
 
-def test_float_mask_full(ops_library, rng):
-    B, H, Sq, Sk, D, bs = 2, 2, 50, 70, 16, 16
-    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
-    layout = rand_layout(rng, H, n_blocks(Sq, bs), n_blocks(Sk, bs), p=0.6)
-    mask = rng.standard_normal((B, 1, Sq, Sk)).astype(np.float32) * 3
-    check(ops_library, q, k, v, layout, bs, attn_mask=mask)
+@pytest.mark.parametrize("bs,sq,sk,causal", [(16, 50, 70, False), (64, 150, 130, False), (32, 100, 100, True)])
+def test_float_mask_full(ops_library, rng, bs, sq, sk, causal):
+    # A per-query mask is added to the (transposed) score tile in register-transposed tiles
+    # with element-wise ragged edges; several tiles per block and ragged blocks cover both.
+    B, H, D = 2, 2, 16
+    q, k, v = rand_inputs(rng, B, H, H, sq, sk, D)
+    layout = rand_layout(rng, H, n_blocks(sq, bs), n_blocks(sk, bs), p=0.6)
+    mask = rng.standard_normal((B, 1, sq, sk)).astype(np.float32) * 3
+    check(ops_library, q, k, v, layout, bs, attn_mask=mask, is_causal=causal)
 
 
 def test_float_mask_2d(ops_library, rng):

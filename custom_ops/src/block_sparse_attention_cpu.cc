@@ -241,20 +241,21 @@ size_t bsa_num_tasks(const BsaParams& p) {
 
 // Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).
 namespace cpu_baseline {
-void run_task(const BsaParams& p, size_t task);
+bool run_task(const BsaParams& p, size_t task);
 }
 #if defined(ONNXPRUNE_HAVE_X86_ISAS)
 namespace cpu_avx2 {
-void run_task(const BsaParams& p, size_t task);
+bool run_task(const BsaParams& p, size_t task);
 }
 namespace cpu_avx512 {
-void run_task(const BsaParams& p, size_t task);
+bool run_task(const BsaParams& p, size_t task);
 }
 #endif
 
 namespace {
 
-using RunTaskFn = void (*)(const BsaParams& p, size_t task);
+// Returns false when the task could not get its working memory.
+using RunTaskFn = bool (*)(const BsaParams& p, size_t task);
 
 struct IsaChoice {
   RunTaskFn fn;
@@ -298,11 +299,7 @@ struct TaskShared {
 
 void task_entry(void* data, size_t index) {
   auto* shared = static_cast<TaskShared*>(data);
-  try {
-    shared->run(*shared->p, index);
-  } catch (...) {
-    shared->failed.store(true, std::memory_order_relaxed);
-  }
+  if (!shared->run(*shared->p, index)) shared->failed.store(true, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -334,7 +331,7 @@ std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx)
   } else if (!pf(pf_ctx, total, &task_entry, &shared)) {
     return "BlockSparseAttention: parallel execution failed";
   }
-  if (shared.failed.load()) return "BlockSparseAttention: kernel failed (out of memory?)";
+  if (shared.failed.load()) return "BlockSparseAttention: out of memory for the kernel's per-thread working buffers";
   return std::string();
 }
 
