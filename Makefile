@@ -42,5 +42,14 @@ demo: install
 test: install
 	$(BIN)/pytest -q tests
 
+# Speed: the op against ORT's dense attention (and the GEMM ceiling), then a BERT-base-shaped
+# model end to end; docs/PERFORMANCE.md has the tables these print.
+bench: install
+	$(BIN)/python tools/bench_attention.py --seq 2048 4096 --kept 0.05 0.1 0.2 0.5 1 --threads 1 2
+	$(BIN)/python tools/bench_attention.py --seq 2048 --blocks 16 32 64 128 --kept 0.1 1
+	$(BIN)/python tools/bench_attention.py --seq 2048 4096 --blocks 128 --kept 0.1 --flex --no-dense
+	$(BIN)/python tools/bench_attention.py --memory --seq 8192
+	$(BIN)/python tools/bench_e2e.py --seq 2048 4096
+
 clean:
 	rm -rf $(VENV) build out

@@ -238,6 +238,10 @@ def memory_table(args) -> None:
         best_dense = np.nanmin([peaks[k] for k in ("decomposed", "attention", "mha")])
         print(f"{s:>6} " + " ".join(f"{peaks[k]:>12.1f}" for k in ("decomposed", "attention", "mha", "bsa"))
               + f" {peaks['bsa'] / best_dense:>9.3f}")
+        # The output itself (B·H·S·D floats) is part of every peak; what is left is working memory.
+        output_mib = HEADS * s * args.head_size * 4 / 2**20
+        print(f"{'−out':>6} " + " ".join(f"{peaks[k] - output_mib:>12.1f}" for k in ("decomposed", "attention", "mha", "bsa"))
+              + f"   (minus the {output_mib:.1f} MiB output)")
 
 
 # ------------------------------------------------------------------------------------------
