@@ -305,7 +305,8 @@ def main() -> None:
             for block in args.blocks:
                 bsa = session(bsa_model(block), threads, with_library=True)
                 for kept in args.kept:
-                    layout = layout_with(kept, -(-s // block), rng)
+                    # Seeded by the case: every thread count and contestant sees the same layout.
+                    layout = layout_with(kept, -(-s // block), np.random.default_rng([s, block, round(kept * 1000)]))
                     feeds = dict(qkv, layout=layout)
                     out = bsa.run(None, feeds)[0]
                     if layout.all() and dense:
@@ -326,6 +327,23 @@ def main() -> None:
                     _print_row(rows[-1], header=len(rows) == 1, with_flex=flex is not None, file=sys.stderr)
     for i, row in enumerate(rows):
         _print_row(row, header=i == 0, with_flex=flex is not None)
+    _print_thread_scaling(rows)
+
+
+def _print_thread_scaling(rows) -> None:
+    """bsa time at the lowest thread count over its time at each higher count, per case."""
+    by_case: dict = {}
+    for threads, s, block, kept, ms, *_ in rows:
+        by_case.setdefault((s, block, round(kept, 3)), {})[threads] = ms["bsa"]
+    lines = []
+    for (s, block, kept), times in by_case.items():
+        if len(times) > 1:
+            base = min(times)
+            lines.append(f"  S={s} block {block} kept {kept:.3f}: " + ", ".join(
+                f"{t} threads {times[base] / times[t]:.2f}×" for t in sorted(times) if t != base) + f" (vs {base})")
+    if lines:
+        print("bsa speed-up with threads:")
+        print("\n".join(lines))
 
 
 def _print_row(row, header: bool, with_flex: bool, file=None) -> None:
