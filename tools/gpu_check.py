@@ -246,12 +246,32 @@ def make_inputs(c, device, gen):
     return q, k, v, lay, mask, kpm
 
 
+#: Tile shapes the library can be told to use (ONNXPRUNE_CUDA_TILE, for measuring), per block size.
+TILE_VARIANTS = {128: ("bm64", "mt2"), 64: ("bm64", "mt2")}
+
+
+def with_tile(variant, fn):
+    """Runs fn() with ONNXPRUNE_CUDA_TILE=variant (None: the library's default)."""
+    if variant is None:
+        return fn()
+    os.environ["ONNXPRUNE_CUDA_TILE"] = variant
+    try:
+        return fn()
+    finally:
+        os.environ.pop("ONNXPRUNE_CUDA_TILE", None)
+
+
 def check_correctness(ck, lib, device, res, dry_run):
     import torch
 
     gen = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
     n_ok = n_fail = 0
+    cases = []
     for name, c in correctness_cases():
+        cases.append((name, c, None))
+        if not dry_run:
+            cases += [(f"{name}[tile={v}]", c, v) for v in TILE_VARIANTS.get(c["bs"], ())]
+    for name, c, variant in cases:
         try:
             q, k, v, lay, mask, kpm = make_inputs(c, device, gen)
             ref = reference(q, k, v, lay, c["bs"], c["scale"], c["causal"], mask, kpm)
@@ -259,8 +279,9 @@ def check_correctness(ck, lib, device, res, dry_run):
                 out = ref.to(q.dtype)
             else:
                 out = torch.full(ref.shape, float("nan"), dtype=q.dtype, device=device)  # poison
-                ck.block_sparse_attention(q, k, v, lay, c["bs"], scale=c["scale"], is_causal=c["causal"],
-                                          attn_mask=mask, key_padding_mask=kpm, out=out, lib=lib)  # fmt: skip
+                with_tile(variant, lambda: ck.block_sparse_attention(
+                    q, k, v, lay, c["bs"], scale=c["scale"], is_causal=c["causal"], attn_mask=mask,
+                    key_padding_mask=kpm, out=out, lib=lib))  # fmt: skip
                 torch.cuda.synchronize()
             outd = out.double()
             finite = bool(torch.isfinite(outd).all())
@@ -417,7 +438,7 @@ class Flex:
         return self.fn(q, k, v, block_mask=bm)
 
 
-def time_case(S, D, dtype_name, B, H, bs, pruned_list, ck, lib, flex, do_flex, res, gen, rates):
+def time_case(S, D, dtype_name, B, H, bs, pruned_list, ck, lib, flex, do_flex, res, gen, rates, variants=()):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -471,12 +492,16 @@ def time_case(S, D, dtype_name, B, H, bs, pruned_list, ck, lib, flex, do_flex, r
                 ck.block_sparse_attention(q, k, v, lay, bs, out=out, lib=lib)
 
             r["ours_ms"] = bench(ours)
-            if D == 64:  # the head-size-64 kernel built for 3 CTAs per SM (no register spills)
-                os.environ["ONNXPRUNE_CUDA_HD64_CTAS"] = "3"
+            ck.block_sparse_attention(q, k, v, lay, bs, out=out, lib=lib)
+            ref_out = out.clone()
+            for variant in variants:  # other tile shapes: same output, time
                 try:
-                    r["ours_ms_hd64_3ctas"] = bench(ours)
-                finally:
-                    os.environ.pop("ONNXPRUNE_CUDA_HD64_CTAS", None)
+                    out.fill_(float("nan"))
+                    with_tile(variant, lambda: ck.block_sparse_attention(q, k, v, lay, bs, out=out, lib=lib))
+                    r[f"tile_{variant}_max_abs_diff"] = float((out.float() - ref_out.float()).abs().max())
+                    r[f"ours_ms_{variant}"] = with_tile(variant, lambda: bench(ours))
+                except Exception as e:  # noqa: BLE001
+                    res.error(f"tile {variant} S={S} D={D} {dtype_name} p={pruned}", e)
             r["ours_tflops_kept"] = kept_flops / (r["ours_ms"] * 1e-3) / 1e12
             r["ours_frac_of_matmul"] = r["ours_tflops_kept"] / rates[dtype_name]
             if "sdpa_flash_ms" in r:
@@ -554,13 +579,14 @@ def speed_sweep(ck, lib, res, args):
         )
         pruned_list = (0.5, 0.9, 0.95)
         try:
-            time_case(S, D, dtype_name, B, H, bs, pruned_list, ck, lib, flex, do_flex, res, gen, rates)
+            variants = TILE_VARIANTS[bs] if S == 8192 else ()
+            time_case(S, D, dtype_name, B, H, bs, pruned_list, ck, lib, flex, do_flex, res, gen, rates, variants)
         except Exception as e:  # noqa: BLE001
             res.error(f"speed S={S} D={D} {dtype_name}", e)
     # Block size 64 at the headline shape (our kernel only; flex's tiles are 128).
     if time.time() - T0 < args.budget_s:
         try:
-            time_case(8192, 64, "float16", B, H, 64, (0.9,), ck, lib, None, False, res, gen, rates)
+            time_case(8192, 64, "float16", B, H, 64, (0.9,), ck, lib, None, False, res, gen, rates, TILE_VARIANTS[64])
         except Exception as e:  # noqa: BLE001
             res.error("speed bs=64", e)
 
@@ -581,6 +607,15 @@ def print_table(res):
             f"{f(r.get('speedup_vs_flash'), '.2f')}x | {f(r.get('speedup_vs_flex'), '.2f')}x | "
             f"{f(r.get('ours_tflops_kept'), '.0f')} | {f(r.get('ours_frac_of_matmul'), '.2f')} |"
         )
+    tiles = [r for r in speed if any(k.startswith("ours_ms_") for k in r)]
+    if tiles:
+        lines.append("")
+        lines.append("| S | D | dtype | bs | pruned | default ms | " + " | ".join(f"{v} ms" for v in ("bm64", "mt2")) + " |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in tiles:
+            cells = [f(r.get(f"ours_ms_{v}"), ".3f") for v in ("bm64", "mt2")]
+            lines.append(f"| {r['S']} | {r['D']} | {r['dtype'][:4]} | {r['bs']} | {r['pruned']:.2f} | "
+                         f"{f(r.get('ours_ms'), '.3f')} | " + " | ".join(cells) + " |")  # fmt: skip
     corr = res.data["sections"].get("summary", {}).get("correctness", {})
     print()
     print(f"matmul TFLOP/s: {', '.join(f'{k} {v:.0f}' for k, v in rates.items())}; "

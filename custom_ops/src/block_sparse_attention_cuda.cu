@@ -3,19 +3,20 @@
 // Two kernels:
 //  * bsa_mma_kernel: float16 / bfloat16, head size D == Dv, D % 8 == 0,
 //    D <= 128 (padded to 32, 64 or 128). Flash-attention-2 style: a CTA owns
-//    BM = 16 * NW query rows of one (batch, head) and every warp 16 of them;
-//    the CTA walks only the 64-key tiles that the layout keeps (a compacted
-//    list built in shared memory from the layout), double-buffers K and V
-//    tiles with cp.async, computes S = Q K^T and O += P V with
+//    BM query rows of one (batch, head), each warp 16 or 32 of them; the CTA
+//    walks only the 64-key tiles that the layout keeps (a compacted list
+//    built in shared memory from the layout), pipelines K and V tiles with
+//    cp.async (2 or 3 stages), computes S = Q K^T and O += P V with
 //    mma.sync.m16n8k16 (fp32 accumulators) and keeps an online softmax in
 //    registers. Nothing of size Sq x Sk ever exists.
 //  * bsa_generic_kernel: any type (float32 in particular) and any head sizes.
 //    One warp per query row on CUDA cores, same semantics, same skipping of
 //    pruned blocks; meant to be right, not fast.
 //
-// Tiles and layout blocks: the mma kernel uses BM = 64 query rows (4 warps)
-// and 64-key tiles. For block_size >= 64 every tile
-// lies inside one layout block, so a tile is either computed whole or skipped.
+// Tiles and layout blocks: query tiles of BM = 128 rows for block size 128
+// and head size <= 64, BM = 64 otherwise (tile_for below), and 64-key tiles.
+// For block_size >= 64 every tile lies inside one layout block, so a tile is
+// either computed whole or skipped.
 // For block_size 16 and 32 a tile spans several layout blocks: it is computed
 // when any of them is kept, a warp skips it when none of its rows' blocks is
 // kept, and the pruned sub-blocks are masked per element.
@@ -194,32 +195,39 @@ __device__ __forceinline__ float element_bias(const KParams& p, int b, int h, in
 
 // ---- tensor-core kernel -----------------------------------------------------
 
-template <int HD, int NW>
+// NW warps of WM = 16 * MT query rows each (MT m16 tiles per warp: every K / V
+// fragment read from shared memory feeds MT mma instructions), 64-key tiles,
+// a STAGES-deep cp.async pipeline of K / V tiles.
+template <int HD, int NW, int MT, int STAGES_>
 struct MmaConfig {
-  static constexpr int BM = 16 * NW;  // query rows per CTA
+  static constexpr int WM = 16 * MT;  // query rows per warp
+  static constexpr int BM = WM * NW;  // query rows per CTA
   static constexpr int BN = 64;       // keys per tile
   static constexpr int LD = HD + 8;   // smem row pitch (elements): conflict-free ldmatrix
   static constexpr int NT = NW * 32;
+  static constexpr int STAGES = STAGES_;
   static constexpr int PASSES = kListCap / NT;
   static constexpr size_t smem_bytes(size_t elem) {
-    return static_cast<size_t>(BM + 4 * BN) * LD * elem + (kListCap + PASSES * NW) * sizeof(int);
+    return static_cast<size_t>(BM + 2 * STAGES * BN) * LD * elem +
+           (kListCap + PASSES * NW) * sizeof(int);
   }
 };
 
-// MINB: CTAs per SM the register allocation must allow (4 x 4 warps caps a
-// thread at 128 registers; head size 128 needs ~210: 2 CTAs).
-template <typename T, int HD, int NW, int MINB>
+// MINB: CTAs per SM the register allocation must allow (e.g. 4 CTAs of 4
+// warps cap a thread at 128 registers).
+template <typename T, int HD, int NW, int MT, int STAGES, int MINB>
 __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p) {
-  using C = MmaConfig<HD, NW>;
-  constexpr int BM = C::BM, BN = C::BN, LD = C::LD, NT = C::NT;
+  using C = MmaConfig<HD, NW, MT, STAGES>;
+  constexpr int BM = C::BM, BN = C::BN, LD = C::LD, NT = C::NT, WM = C::WM;
   constexpr int CH = HD / 8;  // 16-byte chunks per row
   static_assert(kListCap % NT == 0, "list passes");
+  static_assert(STAGES >= 2, "pipeline depth");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + BM * LD;      // 2 stages
-  T* sV = sK + 2 * BN * LD;  // 2 stages
-  int* sList = reinterpret_cast<int*>(sV + 2 * BN * LD);
+  T* sK = sQ + BM * LD;           // STAGES tiles
+  T* sV = sK + STAGES * BN * LD;  // STAGES tiles
+  int* sList = reinterpret_cast<int*>(sV + STAGES * BN * LD);
   int* sCnt = sList + kListCap;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -232,8 +240,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
   const int hl = p.Hl == 1 ? 0 : h;
   const int q0 = qt * BM;
   const int q1 = min(q0 + BM, p.Sq);
-  const int w0 = q0 + warp * 16;                 // this warp's first row
-  const int w1 = min(w0 + 16, p.Sq);             // (w0 >= w1: warp has no rows)
+  const int w0 = q0 + warp * WM;      // this warp's first row
+  const int w1 = min(w0 + WM, p.Sq);  // (w0 >= w1: the warp has no rows)
   const bool union_tiles = p.bs < BN || p.bs < BM;  // a tile spans several layout blocks
 
   const T* Qg = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.Hq + h) * p.Sq * p.D;
@@ -260,15 +268,21 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
       cp_async16(smem_addr(dK + r * LD + cc * 8), Kg + off, ok);
       cp_async16(smem_addr(dV + r * LD + cc * 8), Vg + off, ok);
     }
-    cp_async_commit();
   };
 
-  uint32_t qf[HD / 16][4];
-  float acc[HD / 8][4];
+  // Q fragments live in registers for MT = 1; for MT > 1 they are re-read from
+  // shared memory per tile (registers go to the larger S and O tiles).
+  constexpr bool kQInRegs = MT == 1;
+  uint32_t qf[kQInRegs ? MT : 1][kQInRegs ? HD / 16 : 1][4];
+  float acc[MT][HD / 8][4];
+  float m_run[MT][2], l_run[MT][2];
 #pragma unroll
-  for (int dn = 0; dn < HD / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.0f, 0.0f};
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) acc[mt][dn][0] = acc[mt][dn][1] = acc[mt][dn][2] = acc[mt][dn][3] = 0.0f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.0f;
+  }
   bool q_ready = false;
 
   const int nkt = (p.Sk + BN - 1) / BN;
@@ -302,23 +316,33 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
     __syncthreads();
     if (count == 0) continue;
 
-    load_kv(sList[0], 0);
-    for (int n = 0; n < count; ++n) {
-      const int stage = n & 1;
-      const int kt = sList[n];
-      if (n + 1 < count) {
-        load_kv(sList[n + 1], stage ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-
-      if (!q_ready) {  // Q fragments, once (the Q copy was the oldest group)
-        const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    // Pipeline: while tile n is used, tiles n+1 .. n+STAGES-1 are in flight.
+    // Every step commits one cp.async group (possibly empty), so "all but
+    // the newest STAGES-2 groups complete" means tile n (and Q) has landed.
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-          ldmatrix_x4(qf[kk], smem_addr(sQ + row * LD + kk * 16 + (lane >> 4) * 8));
+    for (int n = 0; n < STAGES - 1; ++n) {
+      if (n < count) load_kv(sList[n], n);
+      cp_async_commit();
+    }
+    for (int n = 0; n < count; ++n) {
+      const int stage = n % STAGES;
+      const int kt = sList[n];
+      cp_async_wait<STAGES - 2>();
+      // One barrier per tile: tile n is visible to all warps, and all warps are
+      // done with tile n-1, whose stage the next load overwrites.
+      __syncthreads();
+      if (n + STAGES - 1 < count) load_kv(sList[n + STAGES - 1], (n + STAGES - 1) % STAGES);
+      cp_async_commit();
+
+      if (kQInRegs && !q_ready) {  // Q fragments, once (the Q copy was the oldest group)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int row = warp * WM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+          for (int kk = 0; kk < HD / 16; ++kk) {
+            ldmatrix_x4(qf[kQInRegs ? mt : 0][kQInRegs ? kk : 0],
+                        smem_addr(sQ + row * LD + kk * 16 + (lane >> 4) * 8));
+          }
         }
         q_ready = true;
       }
@@ -326,123 +350,152 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
       const int j0 = kt * BN;
       bool active = w0 < w1 && (!p.causal || j0 <= w1 - 1);
       if (active && union_tiles) active = any_block_kept(p, hl, w0, w1, j0, min(j0 + BN, p.Sk));
-      if (active) {
-        const T* cK = sK + stage * BN * LD;
-        const T* cV = sV + stage * BN * LD;
-        float s[BN / 8][4];
+      if (!active) continue;
+
+      const T* cK = sK + stage * BN * LD;
+      const T* cV = sV + stage * BN * LD;
+      float s[MT][BN / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-        // S = Q K^T.
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
+        for (int nt = 0; nt < BN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+      }
+      // S = Q K^T.
 #pragma unroll
-          for (int np = 0; np < BN / 16; ++np) {
-            uint32_t bk[4];
-            ldmatrix_x4(bk, smem_addr(cK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-                                      ((lane >> 3) & 1) * 8));
-            mma16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
-            mma16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t qs[MT][4];
+        if (!kQInRegs) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const int row = warp * WM + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            ldmatrix_x4(qs[mt], smem_addr(sQ + row * LD + kk * 16 + (lane >> 4) * 8));
           }
         }
-        // Scale (base 2) and mask.
-        const bool need_mask = j0 + BN > p.Sk || (p.causal && j0 + BN - 1 > w0) || union_tiles ||
-                               p.pad_kind != 0 || p.mask_kind != 0;
 #pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
+        for (int np = 0; np < BN / 16; ++np) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, smem_addr(cK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                                    ((lane >> 3) & 1) * 8));
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = s[nt][e] * p.scale_log2;
-            if (need_mask) {
-              const int i = w0 + g + (e >> 1) * 8;
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t(&a)[4] = kQInRegs ? qf[kQInRegs ? mt : 0][kQInRegs ? kk : 0] : qs[mt];
+            mma16816<T>(s[mt][2 * np], a, bk[0], bk[1]);
+            mma16816<T>(s[mt][2 * np + 1], a, bk[2], bk[3]);
+          }
+        }
+      }
+      // Scale (base 2) and mask. Without masking (the common case), the scale
+      // is folded into the exponent's FFMA (the max is taken on raw scores).
+      const bool need_mask = j0 + BN > p.Sk || (p.causal && j0 + BN - 1 > w0) || union_tiles ||
+                             p.pad_kind != 0 || p.mask_kind != 0 || !(p.scale_log2 > 0.0f);
+      const float sc = need_mask ? 1.0f : p.scale_log2;  // multiplier inside the exponent
+      if (need_mask) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int i = w0 + mt * 16 + g + (e >> 1) * 8;
               const int j = j0 + nt * 8 + 2 * t + (e & 1);
+              float x = s[mt][nt][e] * p.scale_log2;
               if (i >= p.Sq || j >= p.Sk || (union_tiles && !layout_kept(p, hl, i / p.bs, j / p.bs))) {
                 x = -INFINITY;
               } else {
                 x += element_bias<T>(p, b, h, i, j) * kLog2e;
               }
+              s[mt][nt][e] = x;
             }
-            s[nt][e] = x;
           }
         }
-        // Online softmax (rows g and g + 8 of the warp; a row lives in 4 lanes).
+      }
+      // Online softmax (rows g and g + 8 of each m tile; a row lives in 4 lanes).
+      uint32_t pa[MT][BN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
-          mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-          mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+          mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
         }
         float alpha[2], m_use[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
           mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-          const float m_new = fmaxf(m_run[r], mx[r]);
+          const float m_new = fmaxf(m_run[mt][r], mx[r] * sc);
           m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: p = 0, no NaN
-          alpha[r] = ex2(m_run[r] - m_use[r]);
-          m_run[r] = m_new;
+          alpha[r] = ex2(m_run[mt][r] - m_use[r]);
+          m_run[mt][r] = m_new;
         }
         float rs[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[nt][e] = ex2(s[nt][e] - m_use[e >> 1]);
-            rs[e >> 1] += s[nt][e];
+            s[mt][nt][e] = ex2(fmaf(s[mt][nt][e], sc, -m_use[e >> 1]));
+            rs[e >> 1] += s[mt][nt][e];
           }
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+        for (int r = 0; r < 2; ++r) l_run[mt][r] = l_run[mt][r] * alpha[r] + rs[r];
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {  // max moved
 #pragma unroll
-        for (int dn = 0; dn < HD / 8; ++dn) {
-          acc[dn][0] *= alpha[0];
-          acc[dn][1] *= alpha[0];
-          acc[dn][2] *= alpha[1];
-          acc[dn][3] *= alpha[1];
+          for (int dn = 0; dn < HD / 8; ++dn) {
+            acc[mt][dn][0] *= alpha[0];
+            acc[mt][dn][1] *= alpha[0];
+            acc[mt][dn][2] *= alpha[1];
+            acc[mt][dn][3] *= alpha[1];
+          }
         }
-        // O += P V (P from the S accumulators, V^T fragments by ldmatrix.trans).
+        // P as A fragments (from the S accumulator layout).
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          uint32_t pa[4];
-          pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-          pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-          pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-          pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+          pa[mt][kk][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][kk][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][kk][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][kk][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+      }
+      // O += P V (V^T fragments by ldmatrix.trans).
 #pragma unroll
-          for (int dp = 0; dp < HD / 16; ++dp) {
-            uint32_t bv[4];
-            ldmatrix_x4_trans(bv, smem_addr(cV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
-                                            dp * 16 + (lane >> 4) * 8));
-            mma16816<T>(acc[2 * dp], pa, bv[0], bv[1]);
-            mma16816<T>(acc[2 * dp + 1], pa, bv[2], bv[3]);
+      for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; ++dp) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, smem_addr(cV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                          dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816<T>(acc[mt][2 * dp], pa[mt][kk], bv[0], bv[1]);
+            mma16816<T>(acc[mt][2 * dp + 1], pa[mt][kk], bv[2], bv[3]);
           }
         }
       }
-      __syncthreads();  // stage is free for the load two iterations ahead
     }
   }
   cp_async_wait<0>();
 
   // Epilogue: O / l; rows with nothing kept (l == 0) give 0.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
-  }
   T* Yg = static_cast<T*>(p.y) + (static_cast<int64_t>(b) * p.Hq + h) * p.Sq * p.D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = w0 + g + r * 8;
-    if (i >= p.Sq) continue;
-    T* yrow = Yg + static_cast<int64_t>(i) * p.D;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn) {
-      const int d = dn * 8 + 2 * t;
-      if (d < p.D) {
-        *reinterpret_cast<uint32_t*>(yrow + d) =
-            pack2<T>(acc[dn][2 * r] * inv[r], acc[dn][2 * r + 1] * inv[r]);
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const int i = w0 + mt * 16 + g + r * 8;
+      if (i >= p.Sq) continue;
+      T* yrow = Yg + static_cast<int64_t>(i) * p.D;
+#pragma unroll
+      for (int dn = 0; dn < HD / 8; ++dn) {
+        const int d = dn * 8 + 2 * t;
+        if (d < p.D) {
+          *reinterpret_cast<uint32_t*>(yrow + d) = pack2<T>(acc[mt][dn][2 * r] * inv, acc[mt][dn][2 * r + 1] * inv);
+        }
       }
     }
   }
@@ -552,35 +605,59 @@ std::string ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done
   return std::string();
 }
 
-template <typename T, int HD, int NW, int MINB>
+template <typename T, int HD, int NW, int MT, int STAGES, int MINB>
 std::string launch_mma(KParams kp, cudaStream_t stream) {
-  using C = MmaConfig<HD, NW>;
+  using C = MmaConfig<HD, NW, MT, STAGES>;
   static std::atomic<uint64_t> done{0};
   const size_t smem = C::smem_bytes(sizeof(T));
-  std::string err = ensure_smem(bsa_mma_kernel<T, HD, NW, MINB>, smem, done);
+  auto kernel = bsa_mma_kernel<T, HD, NW, MT, STAGES, MINB>;
+  std::string err = ensure_smem(kernel, smem, done);
   if (!err.empty()) return err;
   kp.nqt = (kp.Sq + C::BM - 1) / C::BM;
   const int64_t blocks = static_cast<int64_t>(kp.B) * kp.Hq * kp.nqt;
   if (blocks > INT_MAX) return "BlockSparseAttention (CUDA): too many query tiles for one launch";
-  bsa_mma_kernel<T, HD, NW, MINB><<<static_cast<unsigned>(blocks), C::NT, smem, stream>>>(kp);
+  kernel<<<static_cast<unsigned>(blocks), C::NT, smem, stream>>>(kp);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : cuda_error("kernel launch", e);
 }
 
-// Head size 64 at 4 CTAs per SM spills a few registers, at 3 it does not;
-// ONNXPRUNE_CUDA_HD64_CTAS=3 selects the latter (for measuring both in one process).
-int hd64_ctas() {
-  const char* env = std::getenv("ONNXPRUNE_CUDA_HD64_CTAS");
-  return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 4;
+// Tile shapes (measured on an H100, docs/GPU_NOTES.md):
+//  * head size <= 64, block >= 128: 4 warps x 32 rows (the K / V fragments read
+//    from shared memory serve two m tiles; Q is re-read per tile), 3 stages;
+//  * head size <= 64, block 64: 2 warps x 32 rows (64-row tiles), 2 stages;
+//  * head size 128 and blocks 16 / 32: 4 warps x 16 rows, Q in registers.
+// ONNXPRUNE_CUDA_TILE (read per launch, for measuring) overrides for blocks >=
+// 64: "bm64" (4 warps x 16 rows) or "mt2" (32 rows per warp, head sizes <= 64).
+// (8 warps x 16 rows with 128-row tiles measured no faster than either.)
+enum class Tile { kBm64, kMt2, kMt2W2 };
+
+Tile tile_for(int bs, int D) {
+  const bool small_d = D <= 64;
+  Tile tile = Tile::kBm64;
+  if (small_d && bs >= 128) tile = Tile::kMt2;
+  if (small_d && bs == 64) tile = Tile::kMt2W2;
+  const char* env = std::getenv("ONNXPRUNE_CUDA_TILE");
+  if (env != nullptr && bs >= 64) {
+    if (std::strcmp(env, "bm64") == 0) tile = Tile::kBm64;
+    if (std::strcmp(env, "mt2") == 0 && small_d) tile = bs >= 128 ? Tile::kMt2 : Tile::kMt2W2;
+  }
+  return tile;
 }
 
-template <typename T, int NW>
-std::string launch_mma_hd(const KParams& kp, cudaStream_t stream) {
-  if (kp.D <= 32) return launch_mma<T, 32, NW, 4>(kp, stream);
-  if (kp.D <= 64) {
-    return hd64_ctas() == 3 ? launch_mma<T, 64, NW, 3>(kp, stream) : launch_mma<T, 64, NW, 4>(kp, stream);
+template <typename T>
+std::string launch_mma_tiles(const KParams& kp, cudaStream_t stream) {
+  switch (tile_for(kp.bs, kp.D)) {
+    case Tile::kMt2:  // 128 rows: 4 warps x 2 m tiles, 3 stages
+      if (kp.D <= 32) return launch_mma<T, 32, 4, 2, 3, 2>(kp, stream);
+      return launch_mma<T, 64, 4, 2, 3, 2>(kp, stream);
+    case Tile::kMt2W2:  // 64 rows: 2 warps x 2 m tiles, 2 stages
+      if (kp.D <= 32) return launch_mma<T, 32, 2, 2, 2, 4>(kp, stream);
+      return launch_mma<T, 64, 2, 2, 2, 4>(kp, stream);
+    default:  // 64 rows (inside one layout block for block sizes >= 64): 4 warps, 2 stages
+      if (kp.D <= 32) return launch_mma<T, 32, 4, 1, 2, 4>(kp, stream);
+      if (kp.D <= 64) return launch_mma<T, 64, 4, 1, 2, 4>(kp, stream);
+      return launch_mma<T, 128, 4, 1, 2, 2>(kp, stream);
   }
-  return launch_mma<T, 128, NW, 2>(kp, stream);
 }
 
 template <typename T>
@@ -604,8 +681,7 @@ std::string launch_typed(const KParams& kp, cudaStream_t stream) {
   const bool mma_ok = kp.D == kp.Dv && kp.D % 8 == 0 && kp.D <= 128 && aligned16(kp.q) &&
                       aligned16(kp.k) && aligned16(kp.v);
   if (!mma_ok) return launch_generic<T>(kp, stream);
-  // 64-row query tiles: inside one layout block for block sizes >= 64.
-  return launch_mma_hd<T, 4>(kp, stream);
+  return launch_mma_tiles<T>(kp, stream);
 }
 
 }  // namespace
