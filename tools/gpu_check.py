@@ -564,7 +564,7 @@ def speed_sweep(ck, lib, res, args):
     if not args.quick:
         for dtype_name in ("float16", "bfloat16"):
             for D in (64, 128):
-                for S in (4096, 8192, 16384):
+                for S in args.sizes:
                     if (S, D, dtype_name) != headline:
                         plan.append((S, D, dtype_name))
     # FlexAttention compiles per shape (~10-30 s each): float16 D=64 at every S, and S=8192 with
@@ -631,6 +631,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_check.json)")
     ap.add_argument("--quick", action="store_true", help="correctness and the headline case only")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting speed cases after this")
+    ap.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[4096, 8192, 16384],
+                    help="sequence lengths of the speed sweep (comma-separated)")
     ap.add_argument("--dry-run", action="store_true", help="CPU only: the harness with the reference as kernel")
     args = ap.parse_args(argv)
 
