@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 HEADERS := build/ort-headers/onnxruntime_c_api.h
-SOURCES := $(shell find onnxprune custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name 'CMakeLists.txt' \) 2>/dev/null)
+SOURCES := $(shell find onnxprune custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name '*.map' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 
 .PHONY: all install demo test bench clean
 

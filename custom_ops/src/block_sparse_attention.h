@@ -27,6 +27,8 @@ enum ElemType : int32_t {
   kElemUint8 = 2,
   kElemInt64 = 7,
   kElemBool = 9,
+  kElemFloat16 = 10,
+  kElemBFloat16 = 16,
 };
 
 // Description of the op's inputs and attributes, as seen by the caller
@@ -47,6 +49,10 @@ struct BsaInputDesc {
   bool has_scale = false;
   float scale = 0.0f;
   int64_t is_causal = 0;
+
+  // The CUDA kernel also takes float16 and bfloat16 (Q, K, V and a float
+  // attn_mask then share Q's type); the CPU kernel takes float32 only.
+  bool allow_half = false;
 };
 
 enum class MaskKind { kNone, kBool, kFloat };
@@ -58,6 +64,7 @@ struct BsaParams {
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
   int64_t Hl = 0, Mq = 0, Mk = 0;  // layout [Hl, Mq, Mk]
   int64_t block_size = 0;
+  int32_t value_type = kElemFloat;  // element type of Q, K, V, Y (and a float attn_mask)
   float scale = 1.0f;
   bool is_causal = false;
 
@@ -68,7 +75,8 @@ struct BsaParams {
 
   PaddingKind padding_kind = PaddingKind::kNone;
 
-  // Data pointers (set by the caller after validation).
+  // Data pointers (set by the caller after validation). They are typed for
+  // the CPU kernel; the CUDA kernel reads them as value_type elements.
   const float* q = nullptr;       // [B, Hq, Sq, D]
   const float* k = nullptr;       // [B, Hkv, Sk, D]
   const float* v = nullptr;       // [B, Hkv, Sk, Dv]

@@ -71,25 +71,54 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
   }
 
   // Element types.
-  struct TypeCheck {
-    const char* name;
-    int32_t got;
-    int32_t want;
-  };
-  const TypeCheck checks[] = {{"Q", d.q_type, kElemFloat},
-                              {"K", d.k_type, kElemFloat},
-                              {"V", d.v_type, kElemFloat},
-                              {"layout", d.layout_type, kElemUint8}};
-  for (const auto& c : checks) {
-    if (c.got != c.want) {
-      err << prefix << "input " << c.name << " must be " << type_name(c.want) << ", got "
-          << type_str(c.got);
+  int32_t value_type = kElemFloat;
+  if (!d.allow_half) {
+    struct TypeCheck {
+      const char* name;
+      int32_t got;
+      int32_t want;
+    };
+    const TypeCheck checks[] = {{"Q", d.q_type, kElemFloat},
+                                {"K", d.k_type, kElemFloat},
+                                {"V", d.v_type, kElemFloat},
+                                {"layout", d.layout_type, kElemUint8}};
+    for (const auto& c : checks) {
+      if (c.got != c.want) {
+        err << prefix << "input " << c.name << " must be " << type_name(c.want) << ", got "
+            << type_str(c.got);
+        return err.str();
+      }
+    }
+    if (d.has_attn_mask && d.attn_mask_type != kElemBool && d.attn_mask_type != kElemFloat) {
+      err << prefix << "attn_mask must be bool or float32, got " << type_str(d.attn_mask_type);
       return err.str();
     }
-  }
-  if (d.has_attn_mask && d.attn_mask_type != kElemBool && d.attn_mask_type != kElemFloat) {
-    err << prefix << "attn_mask must be bool or float32, got " << type_str(d.attn_mask_type);
-    return err.str();
+  } else {
+    value_type = d.q_type;
+    if (value_type != kElemFloat && value_type != kElemFloat16 && value_type != kElemBFloat16) {
+      err << prefix << "input Q must be float32, float16 or bfloat16, got " << type_str(d.q_type);
+      return err.str();
+    }
+    const struct {
+      const char* name;
+      int32_t got;
+    } same[] = {{"K", d.k_type}, {"V", d.v_type}};
+    for (const auto& c : same) {
+      if (c.got != value_type) {
+        err << prefix << "input " << c.name << " must be " << type_name(value_type)
+            << " (the type of Q), got " << type_str(c.got);
+        return err.str();
+      }
+    }
+    if (d.layout_type != kElemUint8) {
+      err << prefix << "input layout must be uint8, got " << type_str(d.layout_type);
+      return err.str();
+    }
+    if (d.has_attn_mask && d.attn_mask_type != kElemBool && d.attn_mask_type != value_type) {
+      err << prefix << "attn_mask must be bool or " << type_name(value_type)
+          << " (the type of Q), got " << type_str(d.attn_mask_type);
+      return err.str();
+    }
   }
   if (d.has_key_padding_mask && d.key_padding_mask_type != kElemBool &&
       d.key_padding_mask_type != kElemInt64) {
@@ -140,6 +169,7 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
   p.Mk = ls[2];
   p.block_size = d.block_size;
   p.is_causal = d.is_causal != 0;
+  p.value_type = value_type;
 
   if (ks[0] != p.B) {
     err << prefix << "batch size mismatch: Q " << shape_str(qs) << " has B=" << p.B << " but K "

@@ -15,6 +15,9 @@
 #include <vector>
 
 #include "block_sparse_attention.h"
+#if defined(ONNXPRUNE_WITH_CUDA)
+#include "block_sparse_attention_cuda.h"
+#endif
 
 #if defined(_WIN32)
 #define ONNXPRUNE_EXPORT __declspec(dllexport)
@@ -52,6 +55,7 @@ OrtStatus* wrap_status(OrtStatus* st, const std::string& what) {
   } while (0)
 
 struct BsaKernel {
+  bool cuda = false;  // CUDAExecutionProvider kernel (device pointers, ORT's stream)
   int64_t block_size = 0;
   bool has_block_size = false;
   bool has_scale = false;
@@ -137,6 +141,7 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   desc.has_scale = kernel.has_scale;
   desc.scale = kernel.scale;
   desc.is_causal = kernel.is_causal;
+  desc.allow_half = kernel.cuda;
 
   onnxprune::BsaParams p;
   std::string err = onnxprune::bsa_validate(desc, &p);
@@ -167,6 +172,18 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   BSA_RETURN_IF_ERROR(g_api->GetTensorMutableData(out, &out_ptr), "GetTensorMutableData(Y)");
   p.y = static_cast<float*>(out_ptr);
 
+  if (kernel.cuda) {
+#if defined(ONNXPRUNE_WITH_CUDA)
+    void* stream = nullptr;
+    BSA_RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream),
+                        "KernelContext_GetGPUComputeStream");
+    err = onnxprune::bsa_compute_cuda(p, stream);
+    return err.empty() ? nullptr : fail(err);
+#else
+    return fail("BlockSparseAttention: this library was built without CUDA");
+#endif
+  }
+
   ParallelCtx pc{context, std::string()};
   err = onnxprune::bsa_compute_cpu(p, &ort_parallel_for, &pc);
   if (!err.empty()) {
@@ -178,11 +195,23 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
 
 // ---- OrtCustomOp callbacks -------------------------------------------------
 
-OrtStatusPtr ORT_API_CALL create_kernel_v2(const OrtCustomOp*, const OrtApi* api,
+// One registered kernel: the CPU float32 op, or a CUDA op for one value type
+// (ORT picks among same-named ops by execution provider and input types, and
+// infers Y's type from the selected op's single output type).
+struct BsaOp {
+  OrtCustomOp base;  // first member: ORT hands callbacks a pointer to it
+  bool cuda;
+  ONNXTensorElementDataType value_type;
+};
+
+const BsaOp& op_of(const OrtCustomOp* op) { return *reinterpret_cast<const BsaOp*>(op); }
+
+OrtStatusPtr ORT_API_CALL create_kernel_v2(const OrtCustomOp* op, const OrtApi* api,
                                            const OrtKernelInfo* info, void** kernel) noexcept {
   *kernel = nullptr;
   BsaKernel* k = new (std::nothrow) BsaKernel();
   if (k == nullptr) return api->CreateStatus(ORT_FAIL, "BlockSparseAttention: out of memory");
+  k->cuda = op_of(op).cuda;  // no CUDA call here: kernels are created on CPU-only hosts too
 
   // Attribute problems are reported at run time (see compute_impl / bsa_validate).
   int64_t iv = 0;
@@ -226,20 +255,22 @@ OrtStatusPtr ORT_API_CALL kernel_compute_v2(void* op_kernel, OrtKernelContext* c
 void ORT_API_CALL kernel_destroy(void* op_kernel) noexcept { delete static_cast<BsaKernel*>(op_kernel); }
 
 const char* ORT_API_CALL get_name(const OrtCustomOp*) noexcept { return kOpName; }
-const char* ORT_API_CALL get_ep(const OrtCustomOp*) noexcept { return "CPUExecutionProvider"; }
+const char* ORT_API_CALL get_ep(const OrtCustomOp* op) noexcept {
+  return op_of(op).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+}
 
-ONNXTensorElementDataType ORT_API_CALL get_input_type(const OrtCustomOp*, size_t index) noexcept {
+ONNXTensorElementDataType ORT_API_CALL get_input_type(const OrtCustomOp* op, size_t index) noexcept {
   switch (index) {
     case 0:
     case 1:
-    case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    case 2: return op_of(op).value_type;
     case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // checked at run time
   }
 }
 size_t ORT_API_CALL get_input_count(const OrtCustomOp*) noexcept { return kNumInputs; }
-ONNXTensorElementDataType ORT_API_CALL get_output_type(const OrtCustomOp*, size_t) noexcept {
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+ONNXTensorElementDataType ORT_API_CALL get_output_type(const OrtCustomOp* op, size_t) noexcept {
+  return op_of(op).value_type;
 }
 size_t ORT_API_CALL get_output_count(const OrtCustomOp*) noexcept { return 1; }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL get_input_char(const OrtCustomOp*, size_t index) noexcept {
@@ -260,8 +291,11 @@ size_t ORT_API_CALL get_no_pairs(int** a, int** b) noexcept {
 }
 void ORT_API_CALL release_no_pairs(int*, int*) noexcept {}
 
-OrtCustomOp make_op() {
-  OrtCustomOp op{};
+BsaOp make_op(bool cuda, ONNXTensorElementDataType value_type) {
+  BsaOp bop{};
+  bop.cuda = cuda;
+  bop.value_type = value_type;
+  OrtCustomOp& op = bop.base;
   op.version = ORT_API_VERSION;
   op.CreateKernel = nullptr;  // V2 entry points are used (version > 15, KernelCompute == null)
   op.GetName = &get_name;
@@ -288,11 +322,18 @@ OrtCustomOp make_op() {
   op.ReleaseMayInplace = &release_no_pairs;
   op.GetAliasMap = &get_no_pairs;
   op.ReleaseAliasMap = &release_no_pairs;
-  return op;
+  return bop;
 }
 
-// Op and domain live for the whole process (sessions keep raw pointers to them).
-OrtCustomOp g_op = make_op();
+// Ops and domain live for the whole process (sessions keep raw pointers to them).
+BsaOp g_ops[] = {
+    make_op(false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+#if defined(ONNXPRUNE_WITH_CUDA)
+    make_op(true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+    make_op(true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),
+    make_op(true, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16),
+#endif
+};
 OrtCustomOpDomain* g_domain = nullptr;
 std::mutex g_mutex;
 
@@ -317,10 +358,12 @@ extern "C" ONNXPRUNE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSession
       OrtCustomOpDomain* domain = nullptr;
       OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain);
       if (st != nullptr) return st;
-      st = api->CustomOpDomain_Add(domain, &g_op);
-      if (st != nullptr) {
-        api->ReleaseCustomOpDomain(domain);
-        return st;
+      for (BsaOp& op : g_ops) {
+        st = api->CustomOpDomain_Add(domain, &op.base);
+        if (st != nullptr) {
+          api->ReleaseCustomOpDomain(domain);
+          return st;
+        }
       }
       g_domain = domain;  // intentionally never released
     }
