@@ -18,7 +18,7 @@ from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import file_sha256, load_ir
 from onnxprune.progress import progress
-from onnxprune.rules import SiteMatch, find_sites
+from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
 from onnxprune.runtime import session
 from onnxprune.stats import Stats
 
@@ -101,6 +101,7 @@ def _key_pooling_nodes(probs: str, out: str, granularity: int) -> list[onnx.Node
 def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes, list[SiteMatch]]:
     """The model with one added output per site: its key-pooled attention probabilities."""
     ir_model = load_ir(model_path)
+    decompose_fused_attention(ir_model)
     discovery = find_sites(ir_model)
     if not discovery.sites:
         reasons = "; ".join(f"{n}: {r}" for n, r in discovery.unmatched[:3])

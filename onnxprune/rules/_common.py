@@ -30,15 +30,25 @@ class SiteMatch:
     mask: ir.Value | None = None
     is_causal: bool = False
     probs: ir.Value | None = None
+    #: Heads and head size when Q is not ``[B, H, S, D]`` (fused ops: read from attributes).
+    heads: int | None = None
+    head_dim: int | None = None
+    #: A fused ONNX Runtime op (``q``/``k``/``v`` are its packed inputs): ``decompose_fused_attention``
+    #: turns it into the eager form before calibration and the rewrite.
+    fused: bool = False
 
     @property
     def num_heads(self) -> int | None:
-        dim = self.q.shape[1] if self.q.shape is not None else None
+        if self.heads is not None:
+            return self.heads
+        dim = self.q.shape[1] if self.q.shape is not None and len(self.q.shape) == 4 else None
         return dim if isinstance(dim, int) else None
 
     @property
     def head_size(self) -> int | None:
-        dim = self.q.shape[3] if self.q.shape is not None else None
+        if self.head_dim is not None:
+            return self.head_dim
+        dim = self.q.shape[3] if self.q.shape is not None and len(self.q.shape) == 4 else None
         return dim if isinstance(dim, int) else None
 
     @property
@@ -71,16 +81,30 @@ def scale_factor(kind: str, value: ir.Value | None) -> float | None:
     return float(number) if kind == "Mul" else 1.0 / float(number)
 
 
+def rank_of(value: ir.Value) -> int | None:
+    """The rank of ``value``: from its shape, or, where shape inference stopped (after a contrib
+    op), from the ``Transpose`` that made it (its ``perm`` has one entry per axis)."""
+    if value.shape is not None:
+        return len(value.shape)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+        perm = producer.attributes.get("perm")
+        if perm is not None:
+            return len(perm.as_ints())
+    return None
+
+
 def check_qkv(q: ir.Value, v: ir.Value) -> pattern.MatchResult:
     """The kernel's requirements on Q and V: float32, rank 4."""
     result = pattern.MatchResult()
     for name, value in (("Q", q), ("V", v)):
         if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
             return result.fail(f"{name} is {value.dtype.name}, the CPU kernel takes float32", value)
-        if value.shape is None:
+        rank = rank_of(value)
+        if rank is None:
             return result.fail(f"shape of {name} unknown", value)
-        if len(value.shape) != 4:
-            return result.fail(f"{name} has rank {len(value.shape)}, not 4 ([B, H, S, D])", value)
+        if rank != 4:
+            return result.fail(f"{name} has rank {rank}, not 4 ([B, H, S, D])", value)
     return result
 
 

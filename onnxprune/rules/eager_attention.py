@@ -3,15 +3,36 @@
     MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → Softmax(-1) → [Cast] → MatMul(·, V)
 
 The optional pieces are ``OrValue`` alternatives: T5 has no scaling, ViT no mask, GPT-2's
-TorchScript export casts the probabilities back to the value's type.
+TorchScript export casts the probabilities (once or twice) back to the value's type.
 """
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from onnxprune.rules._fused_attention import FORM_KEY
 from onnxprune.rules._common import SiteMatch, check_qkv, node_name, scale_factor
 from onnxprune.rules._site_rule import SiteRule
+
+
+def float_casts(op, probs):
+    """``probs`` through zero, one or two ``Cast`` nodes (TorchScript exports cast softmax's
+    output to float32 and back to the value's type); ``casts_are_float`` checks they are no-ops."""
+    once = op.Cast(probs, _allow_other_attributes=True, _outputs=["cast_first"])
+    twice = op.Cast(op.Cast(probs, _allow_other_attributes=True, _outputs=["cast_first"]),
+                    _allow_other_attributes=True, _outputs=["cast_second"])
+    return pattern.OrValue([twice, once, probs], tag_var="casts", tag_values=[2, 1, 0])
+
+
+def casts_are_float(*casts) -> bool:
+    for cast in casts:
+        if cast is None:
+            continue
+        to = cast.producer().attributes.get("to")
+        if to is None or to.as_int() != ir.DataType.FLOAT:
+            return False
+    return True
 
 
 def softmax_axis_is_last(probs) -> bool:
@@ -34,21 +55,24 @@ class EagerAttention(SiteRule):
         )
         scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
         probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
-        probs = pattern.OrValue([op.Cast(probs, _allow_other_attributes=True), probs])
-        return op.MatMul(probs, v)
+        return op.MatMul(float_casts(op, probs), v)
 
-    def site(self, q, k_transposed, v, probs, qk_scaling, has_mask, qk_scale=None, mask=None, **_):
+    def site(self, q, k_transposed, v, probs, qk_scaling, has_mask, qk_scale=None, mask=None,
+             cast_first=None, cast_second=None, **_):
         checked = check_qkv(q, v)
         if not checked:
             return checked.reason
         if not softmax_axis_is_last(probs):
             return "Softmax is not over the last axis"
+        if not casts_are_float(cast_first, cast_second):
+            return "the probabilities are cast to another type than float32 before the MatMul with V"
         scale = scale_factor(qk_scaling, qk_scale)
         if scale is None:
             return "scale is not a constant"
         return SiteMatch(
             name=node_name(probs),
-            form=self.form,
+            # A site decomposed from a fused op keeps the fused op's form.
+            form=probs.producer().metadata_props.get(FORM_KEY, self.form),
             q=q,
             k=None,
             k_transposed=k_transposed,
