@@ -160,6 +160,7 @@ def calibrate(
     stats: Stats | None = None
     sha = file_sha256(model_path)
     batches = dataset.batches(batch_size)
+    extents: dict[str, list] = {}  # site → [queries follow the input, keys do, query cells, key cells]
     total = -(-len(dataset) // batch_size)
     for feeds in progress(batches, total=total, desc="calibrating", unit="batch", enabled=show_progress):
         length = next(iter(feeds.values())).shape[1]
@@ -173,6 +174,15 @@ def calibrate(
         for site, pooled in zip(sites, outputs):
             # Self-attention sites follow the input's mask; other lengths count every position.
             sq, mk = pooled.shape[2], pooled.shape[3]
+            if sq > stats.max_length or mk > stats.cells:
+                raise OnnxpruneError(
+                    f"site {site.name} attends {sq} queries to {mk * granularity} keys, more than --max-length "
+                    f"{stats.max_length}"
+                )
+            extent = extents.setdefault(site.name, [True, True, 0, 0])
+            extent[0] &= sq == length
+            extent[1] &= mk == -(-length // granularity)
+            extent[2], extent[3] = max(extent[2], -(-sq // granularity)), max(extent[3], mk)
             valid_q = valid if sq == length else np.ones((valid.shape[0], sq))
             valid_k = valid if mk == -(-length // granularity) else np.ones((valid.shape[0], mk * granularity))
             summed = _pool_queries(pooled.astype(np.float64), valid_q, granularity)
@@ -184,4 +194,20 @@ def calibrate(
         stats.num_samples += valid.shape[0]
     if stats is None:
         raise OnnxpruneError("no calibration data")
+    return _trim_to_extents(stats, extents)
+
+
+def _trim_to_extents(stats: Stats, extents: dict[str, list]) -> Stats:
+    """Rectangular statistics where a site's queries or keys do not follow the input's length.
+
+    An axis that tracked the input's length (self-attention over it) spans ``max_length``; any
+    other (a decoder's queries, a fixed number of image patches or audio frames, the keys of
+    cross-attention from another input) spans the positions calibration saw, so cross-attention
+    gets an ``Mq × Mk`` layout.
+    """
+    for site, (follows_q, follows_k, cells_q, cells_k) in extents.items():
+        lq = stats.cells if follows_q else cells_q
+        lk = stats.cells if follows_k else cells_k
+        stats.sums[site] = np.ascontiguousarray(stats.sums[site][:, :lq, :lk])
+        stats.counts[site] = np.ascontiguousarray(stats.counts[site][:lq, :lk])
     return stats

@@ -44,6 +44,8 @@ class Family:
     cross_sites: int = 0
     #: ``onnxruntime.transformers.optimizer`` model type, None where it has none
     ort_model_type: str | None = None
+    #: rotary position embeddings (opset 23 exports them as ``RotaryEmbedding``)
+    rotary: bool = False
 
 
 def _text_inputs(rng: np.random.Generator, batch: int, length: int = ENCODER_LENGTH) -> dict[str, np.ndarray]:
@@ -113,6 +115,7 @@ def _whisper_encoder(attn: str):
         attn_implementation=attn, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
         encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=64, decoder_ffn_dim=64,
         num_mel_bins=8, max_source_positions=20, max_target_positions=32, vocab_size=VOCAB,
+        pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
     )
     encoder = transformers.WhisperModel(config).get_encoder()
     return _wrap(encoder, ["input_features"])
@@ -164,7 +167,7 @@ FAMILIES = {
         Family("gpt_neox", _gpt_style("GPTNeoXConfig", "GPTNeoXModel", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                       num_attention_heads=HEADS, intermediate_size=64, vocab_size=VOCAB,
                                       max_position_embeddings=MAX_POSITIONS),
-               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, ort_model_type="gpt_neox"),
+               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, rotary=True, ort_model_type="gpt_neox"),
         Family("opt", _gpt_style("OPTConfig", "OPTModel", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                  num_attention_heads=HEADS, ffn_dim=64, word_embed_proj_dim=HIDDEN, vocab_size=VOCAB,
                                  max_position_embeddings=MAX_POSITIONS),
@@ -172,11 +175,11 @@ FAMILIES = {
         Family("llama", _gpt_style("LlamaConfig", "LlamaModel", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                    num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64,
                                    vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS),
-               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS),
+               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, rotary=True),
         Family("qwen2", _gpt_style("Qwen2Config", "Qwen2Model", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                    num_attention_heads=HEADS, num_key_value_heads=1, intermediate_size=64,
                                    vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS),
-               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS),
+               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, rotary=True),
         Family("bart", lambda a: _hf("BartConfig", "BartModel", a,
                                      names=("input_ids", "attention_mask", "decoder_input_ids"),
                                      fixed={"use_cache": False}, d_model=HIDDEN, encoder_layers=LAYERS,
@@ -206,22 +209,23 @@ def export_family(family: Family, form: str, path) -> None:
     import torch
 
     exporter, attn, opset, post = FORMS[form]
-    module = family.build(attn)
     feeds = family.inputs(np.random.default_rng(0), 2)
     names = list(feeds)
-    args = tuple(torch.from_numpy(v) for v in feeds.values())
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             program = torch.onnx.export(
-                module, args, input_names=names, output_names=["output"], dynamo=True, opset_version=opset,
-                dynamic_shapes={n: family.dynamic.get(n, {}) for n in names}, verbose=False,
+                family.build(attn), tuple(torch.from_numpy(v) for v in feeds.values()), input_names=names,
+                output_names=["output"], dynamo=True, opset_version=opset, verbose=False,
+                dynamic_shapes={n: family.dynamic.get(n, {}) for n in names},
             )
             program.save(str(path), external_data=post == "external-data")
         else:
+            # Grad stays enabled: under no_grad nn.TransformerEncoderLayer takes a fused fast path
+            # the TorchScript exporter cannot export.
             torch.onnx.export(
-                module, args, str(path), input_names=names, output_names=["output"], dynamo=False,
-                opset_version=opset, dynamic_axes=family.dynamic,
+                family.build(attn), tuple(torch.from_numpy(v) for v in feeds.values()), str(path), input_names=names,
+                output_names=["output"], dynamo=False, opset_version=opset, dynamic_axes=family.dynamic,
             )
     if post == "ort-optimizer":
         from onnxruntime.transformers import optimizer

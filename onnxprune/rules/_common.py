@@ -30,6 +30,9 @@ class SiteMatch:
     mask: ir.Value | None = None
     is_causal: bool = False
     probs: ir.Value | None = None
+    #: More terms added to the scores after ``mask`` (T5: position bias, then the mask); the
+    #: rewrite adds them into one ``attn_mask``.
+    mask_addends: list[ir.Value] = dataclasses.field(default_factory=list)
     #: Heads and head size when Q is not ``[B, H, S, D]`` (fused ops: read from attributes).
     heads: int | None = None
     head_dim: int | None = None
@@ -136,7 +139,10 @@ def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Va
         k = op.Transpose(site.k_transposed, perm=[0, 1, 3, 2])
     inputs = [site.q, k, site.v, layout_value]
     if site.mask is not None:
-        inputs.append(site.mask)
+        mask = site.mask
+        for addend in site.mask_addends:
+            mask = op.Add(mask, addend)
+        inputs.append(mask)
     return op.BlockSparseAttention(
         *inputs,
         block_size=spec.block_size,

@@ -1,6 +1,6 @@
 """Eager attention as both torch exporters emit it (BERT, GPT-2, MiniLM, ...).
 
-    MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → Softmax(-1) → [Cast] → MatMul(·, V)
+    MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → [Add](bias) → Softmax(-1) → [Cast] → MatMul(·, V)
 
 The optional pieces are ``OrValue`` alternatives: T5 has no scaling, ViT no mask, GPT-2's
 TorchScript export casts the probabilities (once or twice) back to the value's type.
@@ -46,19 +46,24 @@ def softmax_axis_is_last(probs) -> bool:
 class EagerAttention(SiteRule):
     form = "eager"
 
-    def pattern(self, op, q, k_transposed, qk_scale, mask, v):
+    def pattern(self, op, q, k_transposed, qk_scale, mask, second_mask, v):
         scores = op.MatMul(q, k_transposed)
         scores = pattern.OrValue(
             [op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
             tag_var="qk_scaling",
             tag_values=["Mul", "Div", "None"],
         )
-        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
+        # T5 adds its position bias and the mask one after the other.
+        scores = pattern.OrValue(
+            [op.Add(op.Add(scores, mask), second_mask), op.Add(scores, mask), scores],
+            tag_var="additive_terms",
+            tag_values=[2, 1, 0],
+        )
         probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
         return op.MatMul(float_casts(op, probs), v)
 
-    def site(self, q, k_transposed, v, probs, qk_scaling, has_mask, qk_scale=None, mask=None,
-             cast_first=None, cast_second=None, **_):
+    def site(self, q, k_transposed, v, probs, qk_scaling, additive_terms, qk_scale=None, mask=None,
+             second_mask=None, cast_first=None, cast_second=None, **_):
         checked = check_qkv(q, v)
         if not checked:
             return checked.reason
@@ -78,6 +83,7 @@ class EagerAttention(SiteRule):
             k_transposed=k_transposed,
             v=v,
             scale=scale,
-            mask=mask if has_mask else None,
+            mask=mask if additive_terms else None,
+            mask_addends=[second_mask] if additive_terms == 2 else [],
             probs=probs,
         )
