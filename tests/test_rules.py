@@ -116,7 +116,7 @@ def check_rewrite(proto: onnx.ModelProto, ops_library: str, heads: int = H, expe
 
 
 def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node="initializer",
-                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False):
+                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False, bias=False, cast_to=(T.FLOAT,)):
     q_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     kv_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     perm = [0, 1, 3, 2] if q_rank == 4 else [0, 2, 1]
@@ -139,11 +139,15 @@ def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node
         inputs.append(vi("M", [B, 1, 1, S] if q_rank == 4 else [1, 1, S]))
         nodes.append(helper.make_node("Add", ["M", scores] if commuted else [scores, "M"], ["masked"]))
         scores = "masked"
+    if bias:  # T5: a position bias added after the mask
+        inputs.append(vi("PB", [1, H, S, S]))
+        nodes.append(helper.make_node("Add", [scores, "PB"], ["biased"]))
+        scores = "biased"
     nodes.append(helper.make_node("Softmax", [scores], ["probs"], axis=softmax_axis, name="the_softmax"))
     probs = "probs"
-    if cast:
-        nodes.append(helper.make_node("Cast", ["probs"], ["probs_cast"], to=T.FLOAT))
-        probs = "probs_cast"
+    for index in range(int(cast)):  # TorchScript: Cast to float32 (and once more to the value's type)
+        nodes.append(helper.make_node("Cast", [probs], [f"probs_cast{index}"], to=cast_to[index % len(cast_to)]))
+        probs = f"probs_cast{index}"
     nodes.append(helper.make_node("MatMul", [probs, "V"], ["Y"]))
     return make_model(nodes, inputs, inits)
 
@@ -156,6 +160,10 @@ EAGER_VARIANTS = [
     for c in (False, True)
     for x in ((False, True) if m else (False,))
 ] + [pytest.param(dict(scaling="Mul", scale_node="Constant"), id="Mul-Constant-node"),
+     pytest.param(dict(scaling="Mul", cast=2), id="Mul-mask-two-casts"),
+     pytest.param(dict(scaling="None", bias=True), id="None-mask-bias"),
+     pytest.param(dict(scaling="None", bias=True, commuted=True, cast=2), id="None-mask-bias-commuted-two-casts"),
+     pytest.param(dict(scaling="Div", bias=True), id="Div-mask-bias"),
      pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted"),
      pytest.param(dict(scaling="Mul", scale_first=True), id="Mul-scale-first"),
      pytest.param(dict(scaling="Mul", scale_first=True, commuted=True, cast=True), id="Mul-scale-first-commuted-cast")]
@@ -196,19 +204,21 @@ def test_eager_rewrite_keeps_outputs(variant, ops_library):
 def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_input=False, commuted=False,
                scale_first=False):
     root = D ** -0.25  # each side applies √scale
-    value = {"Mul": root, "Div": 1 / root}
+    value = {"Mul": root, "Div": 1 / root, "None": 1.0}
     inputs = [vi("Q", [B, H, S, D]), vi("K", [B, H, S, D]), vi("V", [B, H, S, D])]
     inits = [scalar("zero", zero), scalar("ks", value[k_scaling])]
     if scale_input:
         inputs.append(vi("qs", []))
     else:
         inits.append(scalar("qs", value[q_scaling]))
-    nodes = [
-        helper.make_node(q_scaling, ["qs", "Q"] if scale_first else ["Q", "qs"], ["q_scaled"]),
-        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
-        helper.make_node(k_scaling, ["ks", "Kt"] if scale_first else ["Kt", "ks"], ["k_scaled"]),
-        helper.make_node("MatMul", ["q_scaled", "k_scaled"], ["scores"]),
-    ]
+    nodes = [helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2])]
+    # OPT scales Q in its projection and passes scale 1: no scaling node on either side.
+    operands = []
+    for scaling, x, factor, out in ((q_scaling, "Q", "qs", "q_scaled"), (k_scaling, "Kt", "ks", "k_scaled")):
+        if scaling != "None":
+            nodes.append(helper.make_node(scaling, [factor, x] if scale_first else [x, factor], [out]))
+        operands.append(x if scaling == "None" else out)
+    nodes.append(helper.make_node("MatMul", operands, ["scores"]))
     scores = "scores"
     if mask:
         inputs.append(vi("M", [B, 1, S, S]))
@@ -230,6 +240,8 @@ SDPA_VARIANTS = [
     for m in (True, False)
 ] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted"),
      pytest.param(dict(mask=True, scale_first=True), id="scale-first")]
+SDPA_UNSCALED = [pytest.param(dict(q_scaling="None", k_scaling="None", mask=m), id=f"unscaled-{'mask' if m else 'nomask'}")
+                 for m in (True, False)]
 
 
 @pytest.mark.parametrize("variant", SDPA_VARIANTS)
@@ -252,6 +264,31 @@ def test_sdpa_decomposed_rewrite_keeps_outputs(variant, ops_library):
     node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
     scale = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "scale")
     assert scale == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+
+
+def test_eager_cast_to_half_is_not_a_site():
+    discovery = find_sites(to_ir(eager_model(cast=2, cast_to=(T.FLOAT16, T.FLOAT))))
+    assert discovery.sites == []
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities are cast to another type than float32 before the MatMul with V")
+    ]
+
+
+def test_eager_bias_rewrite_sums_the_terms(ops_library):
+    pruned = check_rewrite(eager_model(scaling="None", bias=True), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    producer = next(n for n in pruned.graph.node if node.input[4] in n.output)
+    assert producer.op_type == "Add" and sorted(producer.input) == ["M", "PB"]
+
+
+@pytest.mark.parametrize("variant", SDPA_UNSCALED)
+def test_sdpa_decomposed_unscaled(variant, ops_library):
+    model = sdpa_model(**variant)
+    discovery = find_sites(to_ir(model))
+    assert [(s.form, s.scale, s.mask_kind) for s in discovery.sites] == [
+        ("sdpa-decomposed", 1.0, "float" if variant["mask"] else None)
+    ]
+    check_rewrite(model, ops_library, expect_no=("Softmax", "IsNaN", "Where"))
 
 
 def test_sdpa_decomposed_nan_replacement_not_zero():

@@ -40,7 +40,9 @@ def make_site_rules(layouts: SiteLayouts | None = None) -> list[SiteRule]:
         OnnxAttention("OnnxAttention", has_mask=False, layouts=layouts),
         # Fused ONNX Runtime ops: discovery only; calibration and the rewrite decompose them first.
         MsAttention("MsAttention", layouts),
+        MsAttention("MsAttentionWithPresent", layouts, with_present=True),
         MsMultiHeadAttention("MsMultiHeadAttention", layouts),
+        MsMultiHeadAttention("MsMultiHeadAttentionWithPresent", layouts, with_present=True),
     ]
 
 

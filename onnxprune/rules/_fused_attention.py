@@ -45,11 +45,11 @@ def merge_heads(op, y: ir.Value) -> ir.Value:
     return op.Reshape(op.Transpose(y, perm=[0, 2, 1, 3]), int64s(op, [0, 0, -1]))
 
 
-def key_padding_bias(op, mask: ir.Value, key_states: ir.Value, filter_value: float) -> ir.Value:
+def key_padding_bias(op, mask: ir.Value, rank: int, key_states: ir.Value, filter_value: float) -> ir.Value:
     """The additive ``[B, 1, 1, Sk]`` bias of an ORT key mask: 2-D ``[B, Sk]`` (0 = padding) or
     1-D ``[B]`` (valid keys end there: right padding). ``key_states`` is ``[B, Sk, ·]``."""
     zero, masked = float_scalar(op, 0.0), float_scalar(op, filter_value)
-    if mask_rank(mask) == 1:
+    if rank == 1:
         sk = op.Shape(key_states, start=1, end=2)
         positions = op.Range(int64s(op, 0), op.Squeeze(sk, int64s(op, [0])), int64s(op, 1))
         ends = op.Unsqueeze(op.Cast(mask, to=ir.DataType.INT64), int64s(op, [1]))
@@ -88,22 +88,37 @@ def attention_core(op, q, k_transposed, v, scale: float, biases: list[ir.Value],
     return op.MatMul(probs, v)
 
 
-def mask_rank(mask: ir.Value) -> int | None:
-    """The rank of an ORT key mask; shape inference does not see through contrib ops, so
-    ``EmbedLayerNormalization``'s ``mask_index`` output (1-D ``[B]`` by its schema) is known here."""
-    if mask.shape is not None:
-        return len(mask.shape)
+def mask_rank(mask: ir.Value, states: ir.Value) -> int | None:
+    """The rank of an ORT key mask, where its meaning is certain; ``states`` is ``[B, S, ·]``.
+
+    A 1-D mask is either ``[B]`` end positions or ``[2B]`` end and start positions; only the
+    first is handled, so a 1-D mask counts when its length is the batch (same number or symbol)
+    or it is ``EmbedLayerNormalization``'s ``mask_index`` (``[B]`` by its schema; shape inference
+    does not see through contrib ops).
+    """
     producer = mask.producer()
     if (producer is not None and producer.domain == MS_DOMAIN and producer.op_type == "EmbedLayerNormalization"
             and mask.index() == 1):
         return 1
-    return None
+    if mask.shape is None:
+        return None
+    if len(mask.shape) == 1:
+        batch = states.shape[0] if states.shape is not None and len(states.shape) >= 1 else None
+        if batch is None or mask.shape[0] != batch or (not isinstance(batch, int) and batch.value is None):
+            return None
+    return len(mask.shape)
+
+
+def mask_reason(mask: ir.Value, states: ir.Value, label: str, handled: str) -> str | None:
+    """Why an ORT key mask is not one the decomposition reproduces exactly, else None."""
+    rank = mask_rank(mask, states)
+    if rank in (1, 2):
+        return None
+    if rank is None and mask.shape is not None and len(mask.shape) == 1:
+        return f"1-D {label} whose length is not the batch (end and start positions?)"
+    return f"{label} shape {'unknown' if rank is None else f'rank {rank}'} (handled: {handled})"
 
 
 def attribute(node: ir.Node, name: str, default=None):
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
-
-
-def unused_outputs_beyond_first(node: ir.Node) -> bool:
-    return all(not out.uses() and not out.is_graph_output() for out in node.outputs[1:])

@@ -28,18 +28,23 @@ def _input(node, index):
 class MsAttention(SiteRule):
     form = "com.microsoft.Attention"
 
+    def __init__(self, name: str, layouts=None, with_present: bool = False):
+        super().__init__(name, layouts)
+        # A node with a ``present`` output is matched only to say why it is not a site.
+        self.with_present = with_present
+
     def pattern(self, op, hidden, weights, bias):
         return op.Attention(
             hidden, weights, bias, _domain=fused.MS_DOMAIN, _allow_other_inputs=True, _allow_other_attributes=True,
-            _outputs=["attention_out"],
+            _outputs=["attention_out", "present"] if self.with_present else ["attention_out"],
         )
 
     def site(self, hidden, weights, bias, attention_out, **_):
         node = attention_out.producer()
         if any(_input(node, i) is not None for i in range(PAST, len(node.inputs)) if i != ATTENTION_BIAS):
             return "Attention has a KV cache (past) input"
-        if not fused.unused_outputs_beyond_first(node):
-            return "Attention's present output is used (KV cache)"
+        if len(node.outputs) > 1:
+            return "Attention has a present output (KV cache)"
         if fused.attribute(node, "do_rotary", 0):
             return "Attention applies rotary embeddings itself"
         heads = fused.attribute(node, "num_heads")
@@ -53,9 +58,10 @@ class MsAttention(SiteRule):
         if not heads or any(s % heads for s in sizes) or sizes[0] != sizes[1]:
             return f"qkv_hidden_sizes {sizes} do not split into {heads} heads"
         mask = _input(node, MASK_INDEX)
-        if mask is not None and fused.mask_rank(mask) not in (1, 2):
-            rank = "unknown" if fused.mask_rank(mask) is None else f"rank {fused.mask_rank(mask)}"
-            return f"mask shape {rank} (handled: 1-D end positions, 2-D [B, S])"
+        if mask is not None:
+            reason = fused.mask_reason(mask, hidden, "mask", "1-D end positions, 2-D [B, S]")
+            if reason:
+                return reason
         head_size = sizes[0] // heads
         scale = fused.attribute(node, "scale", 0.0) or 1.0 / math.sqrt(head_size)
         return SiteMatch(
@@ -97,7 +103,7 @@ class DecomposeMsAttention(MsAttention):
         v = fused.split_heads(op, v, site.heads)
         biases = []
         if site.mask is not None:
-            biases.append(fused.key_padding_bias(op, site.mask, hidden, filter_value))
+            biases.append(fused.key_padding_bias(op, site.mask, fused.mask_rank(site.mask, hidden), hidden, filter_value))
         attention_bias = _input(node, ATTENTION_BIAS)
         if attention_bias is not None:
             biases.append(attention_bias)

@@ -32,18 +32,23 @@ def _rank(value) -> int | None:
 class MsMultiHeadAttention(SiteRule):
     form = "com.microsoft.MultiHeadAttention"
 
+    def __init__(self, name: str, layouts=None, with_present: bool = False):
+        super().__init__(name, layouts)
+        # A node with ``present_key``/``present_value`` outputs is matched only to say why it is not a site.
+        self.with_present = with_present
+
     def pattern(self, op, query, key, value):
         return op.MultiHeadAttention(
             query, key, value, _domain=fused.MS_DOMAIN, _allow_other_inputs=True, _allow_other_attributes=True,
-            _outputs=["attention_out"],
+            _outputs=["attention_out", "present_key", "present_value"] if self.with_present else ["attention_out"],
         )
 
     def site(self, query, key, value, attention_out, **_):
         node = attention_out.producer()
         if any(_input(node, i) is not None for i in range(PAST_KEY, len(node.inputs))):
             return "MultiHeadAttention has a KV cache (past) input"
-        if not fused.unused_outputs_beyond_first(node):
-            return "MultiHeadAttention's present outputs are used (KV cache)"
+        if len(node.outputs) > 1:
+            return "MultiHeadAttention has present outputs (KV cache)"
         if _rank(query) != 3:
             return "query is not [B, S, hidden] (packed QKV or shape unknown)"
         if _rank(key) not in (3, 4) or _rank(value) != _rank(key):
@@ -53,9 +58,10 @@ class MsMultiHeadAttention(SiteRule):
         if not heads or not isinstance(hidden, int) or hidden % heads:
             return f"hidden size {hidden} does not split into {heads} heads"
         mask = _input(node, KEY_PADDING_MASK)
-        if mask is not None and fused.mask_rank(mask) not in (1, 2):
-            rank = "unknown" if fused.mask_rank(mask) is None else f"rank {fused.mask_rank(mask)}"
-            return f"key_padding_mask shape {rank} (handled: 1-D end positions, 2-D [B, Sk])"
+        if mask is not None:
+            reason = fused.mask_reason(mask, query, "key_padding_mask", "1-D end positions, 2-D [B, Sk]")
+            if reason:
+                return reason
         head_size = hidden // heads
         return SiteMatch(
             name=node_name(attention_out),
@@ -88,16 +94,18 @@ class DecomposeMsMultiHeadAttention(MsMultiHeadAttention):
         site = self._site
         node = attention_out.producer()
         filter_value = fused.attribute(node, "mask_filter_value", fused.DEFAULT_MASK_FILTER)
+        projected = _rank(key) == 3  # [B, Sk, hidden]; else already [B, H, Sk, D]
+        mask_rank = None if site.mask is None else fused.mask_rank(site.mask, query)  # before query changes
         bias = _input(node, BIAS)
         if bias is not None:
             hidden = site.heads * site.head_dim
             q_bias, k_bias, v_bias = op.Split(bias, fused.int64s(op, [hidden] * 3),
                                               axis=0, _outputs=3)
             query = op.Add(query, q_bias)
-            if _rank(key) == 3:
+            if projected:
                 key, value = op.Add(key, k_bias), op.Add(value, v_bias)
         q = fused.split_heads(op, query, site.heads)
-        if _rank(key) == 3:
+        if projected:
             k_transposed = fused.split_heads(op, key, site.heads, transpose_last=True)
             v = fused.split_heads(op, value, site.heads)
             key_length = fused.sequence_length(op, key)
@@ -107,8 +115,8 @@ class DecomposeMsMultiHeadAttention(MsMultiHeadAttention):
             key_length = op.Shape(key, start=2, end=3)
         biases = []
         if site.mask is not None:
-            key_states = key if _rank(key) == 3 else op.Transpose(key, perm=[0, 2, 1, 3])
-            biases.append(fused.key_padding_bias(op, site.mask, key_states, filter_value))
+            key_states = key if projected else op.Transpose(key, perm=[0, 2, 1, 3])
+            biases.append(fused.key_padding_bias(op, site.mask, mask_rank, key_states, filter_value))
         attention_bias = _input(node, ATTENTION_BIAS)
         if attention_bias is not None:
             biases.append(attention_bias)
