@@ -9,6 +9,8 @@ No PyTorch is needed.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import file_sha256, load_ir
+from onnxprune.model_io import file_sha256, has_external_data, load_ir
 from onnxprune.progress import progress
 from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
 from onnxprune.runtime import session
@@ -126,6 +128,22 @@ def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes,
     return proto.SerializeToString(), discovery.sites
 
 
+def _probe_session(probe: bytes, model_path: str | os.PathLike, threads: int | None):
+    """An ORT session of the probe model. With external data, ORT finds the data relative to the
+    model file, so the probe is written beside the model for as long as the session loads."""
+    proto = onnx.ModelProto.FromString(probe)
+    if not has_external_data(proto):
+        return session(probe, threads=threads, with_library=False)
+    folder = Path(model_path).resolve().parent
+    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-probe.", suffix=".onnx", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(probe)
+        return session(tmp, threads=threads, with_library=False)
+    finally:
+        os.unlink(tmp)
+
+
 def _pool_queries(key_pooled: np.ndarray, valid_q: np.ndarray, granularity: int) -> np.ndarray:
     """``[B, H, Sq, Mk]`` summed over batch and valid queries of each group → ``[H, Mq, Mk]``."""
     b, h, sq, mk = key_pooled.shape
@@ -155,7 +173,7 @@ def calibrate(
 ) -> Stats:
     """Average attention statistics of every site of ``model_path`` over ``dataset``."""
     probe, sites = probe_model(model_path, granularity)
-    sess = session(probe, threads=threads, with_library=False)
+    sess = _probe_session(probe, model_path, threads)
     names = [o.name for o in sess.get_outputs()]
     stats: Stats | None = None
     sha = file_sha256(model_path)

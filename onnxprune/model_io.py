@@ -59,15 +59,36 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def load_ir(path: str | os.PathLike) -> ir.Model:
-    """The model as onnx_ir, with shapes inferred and every node named."""
-    proto = load_proto(path)
+    """The model as onnx_ir, with shapes inferred and every node named.
+
+    External data stays on disk (the tensors read it when asked), so a model over 2 GB loads in
+    moments and shape inference sees a small proto.
+    """
+    proto = load_proto(path, load_external_data=False)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are a help for matching, not a requirement
         pass
     ensure_node_names(proto)
-    return ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    if has_external_data(proto):
+        ir.external_data.set_base_dir(model.graph, Path(path).resolve().parent)
+    return model
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+#: Larger tensors of a model saved with external data go to the data file (layouts stay inline).
+EXTERNAL_DATA_THRESHOLD = 1024
+#: Protobuf cannot serialise a model of 2 GiB or more: such models always get external data.
+PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 @contextlib.contextmanager
@@ -89,6 +110,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` atomically. An ``ir.Model`` whose weights came from external data, or that
+    is too large for protobuf, is written with its weights in ``<name>.data`` beside it."""
+    if isinstance(model, ir.Model):
+        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if uses_external_data(model) or weight_bytes >= PROTOBUF_LIMIT:
+            _save_with_external_data(model, Path(path))
+            return
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
+
+
+def _save_with_external_data(model: ir.Model, path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OnnxpruneError(f"{parent}: output directory does not exist")
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=parent) as staging:
+        staged = Path(staging) / path.name
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
+        # The data first: a model file never points at data that is not there yet.
+        os.replace(Path(staging) / data_name, parent / data_name)
+        os.replace(staged, path)

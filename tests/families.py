@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 LAYERS = 2
 HEADS = 4
@@ -21,7 +23,8 @@ MAX_POSITIONS = 64
 ENCODER_LENGTH = 40  # longer than two blocks of 16: pruned blocks are reached
 DECODER_LENGTH = 24  # ≠ ENCODER_LENGTH: cross-attention is rectangular
 
-#: form → (exporter, attn_implementation, opset, post-processing)
+#: form → (exporter, attn_implementation, opset, post-processing); a post-processed form is the
+#: export of ``BASE_FORM[form]`` (same exporter settings) stored or optimised differently.
 FORMS = {
     "dynamo-eager-20": ("dynamo", "eager", 20, None),
     "dynamo-sdpa-18": ("dynamo", "sdpa", 18, None),
@@ -31,6 +34,7 @@ FORMS = {
     "ort-fused": ("torchscript", "eager", 17, "ort-optimizer"),
     "external-data": ("dynamo", "sdpa", 20, "external-data"),
 }
+BASE_FORM = {"ort-fused": "torchscript-eager-17", "external-data": "dynamo-sdpa-20"}
 
 
 @dataclasses.dataclass
@@ -204,34 +208,44 @@ FAMILIES = {
 }
 
 
-def export_family(family: Family, form: str, path) -> None:
-    """Export ``family`` in ``form`` to ``path`` (an ``.onnx`` file)."""
+def export_family(family: Family, form: str, path, base: str | None = None) -> None:
+    """Export ``family`` in ``form`` to ``path`` (an ``.onnx`` file). For a post-processed form,
+    ``base`` may name the existing export of ``BASE_FORM[form]`` to start from."""
     import torch
 
     exporter, attn, opset, post = FORMS[form]
-    feeds = family.inputs(np.random.default_rng(0), 2)
-    names = list(feeds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            program = torch.onnx.export(
-                family.build(attn), tuple(torch.from_numpy(v) for v in feeds.values()), input_names=names,
-                output_names=["output"], dynamo=True, opset_version=opset, verbose=False,
-                dynamic_shapes={n: family.dynamic.get(n, {}) for n in names},
-            )
-            program.save(str(path), external_data=post == "external-data")
-        else:
-            # Grad stays enabled: under no_grad nn.TransformerEncoderLayer takes a fused fast path
-            # the TorchScript exporter cannot export.
-            torch.onnx.export(
-                family.build(attn), tuple(torch.from_numpy(v) for v in feeds.values()), str(path), input_names=names,
-                output_names=["output"], dynamo=False, opset_version=opset, dynamic_axes=family.dynamic,
-            )
+    if post is not None and base is None:
+        base = str(path) + ".base.onnx"
+        export_family(family, BASE_FORM[form], base)
+    if post == "external-data":
+        model = onnx.load(base)
+        onnx.save(model, str(path), save_as_external_data=True, location=Path(path).name + ".data")
+        return
     if post == "ort-optimizer":
         from onnxruntime.transformers import optimizer
 
         optimized = optimizer.optimize_model(
-            str(path), model_type=family.ort_model_type, num_heads=HEADS, hidden_size=HIDDEN, opt_level=1,
+            base, model_type=family.ort_model_type, num_heads=HEADS, hidden_size=HIDDEN, opt_level=1,
             use_gpu=False, only_onnxruntime=False,
         )
         optimized.save_model_to_file(str(path))
+        return
+    feeds = family.inputs(np.random.default_rng(0), 2)
+    names = list(feeds)
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    family.build(attn), args, input_names=names, output_names=["output"], dynamo=True,
+                    opset_version=opset, verbose=False, dynamic_shapes={n: family.dynamic.get(n, {}) for n in names},
+                )
+            program.save(str(path))
+        else:
+            # Grad stays enabled: under no_grad nn.TransformerEncoderLayer takes a fused fast path
+            # the TorchScript exporter cannot export.
+            torch.onnx.export(
+                family.build(attn), args, str(path), input_names=names, output_names=["output"], dynamo=False,
+                opset_version=opset, dynamic_axes=family.dynamic,
+            )

@@ -8,12 +8,14 @@ at p = 0.9 the kernel equals the function body within 1e-5.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-from families import FAMILIES, FORMS, HEADS, export_family
+from families import BASE_FORM, FAMILIES, FORMS, HEADS, export_family
 from onnxprune import op_schema
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
@@ -57,7 +59,8 @@ def exported(tmp_path_factory):
         if (family, form) not in cache:
             path = folder / family / form / "model.onnx"
             path.parent.mkdir(parents=True)
-            export_family(FAMILIES[family], form, path)
+            base = get(family, BASE_FORM[form]) if form in BASE_FORM else None
+            export_family(FAMILIES[family], form, path, base)
             cache[family, form] = str(path)
         return cache[family, form]
 
@@ -123,8 +126,13 @@ def test_family_form(family, form, exported, tmp_path, ops_library):
                 assert not np.triu(layout[0] if layout.shape[0] == 1 else layout.any(axis=0), k=1).any()
         rectangular = [n for n, lay in layouts.items() if lay.shape[1] != lay.shape[2]]
         assert len(rectangular) == spec.cross_sites
+        if form == "external-data":  # the weights stay in a data file beside the pruned model
+            assert (tmp_path / f"p{p}.onnx.data").stat().st_size > 0
+            assert any(t.data_location == onnx.TensorProto.EXTERNAL
+                       for t in onnx.load(str(path), load_external_data=False).graph.initializer)
         results[p] = (_run(path, feeds, with_library=True), _run(path, feeds, with_library=False), report)
 
+    assert not list(Path(dense).parent.glob(".onnxprune-probe.*"))  # calibration cleaned up after itself
     kernel, body, report = results[0.0]
     np.testing.assert_allclose(kernel, expected, atol=ATOL, rtol=0)
     np.testing.assert_allclose(body, expected, atol=ATOL, rtol=0)

@@ -471,3 +471,50 @@ def test_rewrite_carries_the_layout_as_initializer(ops_library):
     name = op_schema.layout_name("the_softmax")
     assert name in model.graph.initializers
     np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped-query attention: K and V repeated per query head (transformers' repeat_kv)
+
+
+def repeated_kv_model(kv_heads: int, unsqueeze_axis: int = 2):
+    """Eager attention over K, V of ``kv_heads`` heads repeated to H heads as repeat_kv does."""
+    group = H // kv_heads
+    expanded = [B, kv_heads, group, S, D] if unsqueeze_axis == 2 else [B, group, kv_heads, S, D]
+    inits = [
+        onnx.numpy_helper.from_array(np.array([unsqueeze_axis], np.int64), "axis"),
+        onnx.numpy_helper.from_array(np.array(expanded, np.int64), "shape5"),
+        onnx.numpy_helper.from_array(np.array([B, H, S, D], np.int64), "shape4"),
+        scalar("sc", 1 / math.sqrt(D)),
+    ]
+    nodes = []
+    for name in ("K", "V"):
+        nodes += [
+            helper.make_node("Unsqueeze", [f"{name}g", "axis"], [f"{name}5"]),
+            helper.make_node("Expand", [f"{name}5", "shape5"], [f"{name}e"]),
+            helper.make_node("Reshape", [f"{name}e", "shape4"], [name]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["Q", "Kt"], ["qk"]),
+        helper.make_node("Mul", ["qk", "sc"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("MatMul", ["probs", "V"], ["Y"]),
+    ]
+    inputs = [vi("Q", [B, H, S, D]), vi("Kg", [B, kv_heads, S, D]), vi("Vg", [B, kv_heads, S, D])]
+    return make_model(nodes, inputs, inits)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["mqa", "gqa"])
+def test_repeated_kv_reads_the_kv_heads(kv_heads, ops_library):
+    pruned = check_rewrite(repeated_kv_model(kv_heads), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    assert list(node.input[1:3]) == ["Kg", "Vg"]
+    assert not any(n.op_type == "Expand" for n in pruned.graph.node)
+
+
+def test_heads_repeated_in_another_order_stay_repeated(ops_library):
+    # Unsqueeze at axis 1 gives query head h the KV head h % Hkv, not h // G: not the op's grouping.
+    pruned = check_rewrite(repeated_kv_model(2, unsqueeze_axis=1), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    assert list(node.input[1:3]) == ["K", "V"]

@@ -128,6 +128,42 @@ def transposed_key(value: ir.Value) -> ir.Value | None:
     return producer.inputs[0]
 
 
+def _int_or_symbol(dim):
+    return dim if isinstance(dim, int) else getattr(dim, "value", None)
+
+
+def grouped_source(value: ir.Value) -> ir.Value:
+    """The ``[B, Hkv, S, D]`` tensor behind ``repeat_kv`` (Llama, Qwen, ...), else ``value``.
+
+    ``Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, G, S, D]), [B, Hkv·G, S, D])`` gives query head
+    ``h`` the KV head ``h // G``, which is how the op reads grouped heads: it can take ``x`` itself.
+    """
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx"):
+        return value
+    expand = reshape.inputs[0].producer()
+    if expand is None or expand.op_type != "Expand" or expand.domain not in ("", "ai.onnx"):
+        return value
+    unsqueeze = expand.inputs[0].producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) < 2:
+        return value
+    axes = _ir_utils.get_numpy_value(unsqueeze.inputs[1])
+    source, expanded = unsqueeze.inputs[0], expand.outputs[0]
+    if axes is None or list(np.ravel(axes)) != [2] or source.shape is None or expanded.shape is None:
+        return value
+    if len(source.shape) != 4 or len(expanded.shape) != 5 or value.shape is None or len(value.shape) != 4:
+        return value
+    # Every axis but the new one is the source's, and the result merges exactly (Hkv, G).
+    same = [_int_or_symbol(source.shape[i]) == _int_or_symbol(expanded.shape[j]) is not None
+            for i, j in ((1, 1), (2, 3), (3, 4))]
+    hkv, group, merged = (_int_or_symbol(d) for d in (expanded.shape[1], expanded.shape[2], value.shape[1]))
+    if not all(same) or not all(isinstance(d, int) for d in (hkv, group, merged)) or hkv * group != merged:
+        return value
+    if _int_or_symbol(value.shape[3]) != _int_or_symbol(source.shape[3]):
+        return value
+    return source
+
+
 def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Value:
     """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout."""
     layout = np.ascontiguousarray(spec.layouts[site.name], dtype=np.uint8)
@@ -137,7 +173,12 @@ def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Va
         k = transposed_key(site.k_transposed)
     if k is None:
         k = op.Transpose(site.k_transposed, perm=[0, 1, 3, 2])
-    inputs = [site.q, k, site.v, layout_value]
+    # Grouped-query attention: the op reads the Hkv heads themselves, not their repeats.
+    v = site.v
+    k_source, v_source = grouped_source(k), grouped_source(v)
+    if k_source is not k and v_source is not v and k_source.shape[1] == v_source.shape[1]:
+        k, v = k_source, v_source
+    inputs = [site.q, k, v, layout_value]
     if site.mask is not None:
         mask = site.mask
         for addend in site.mask_addends:

@@ -92,9 +92,9 @@ def mask_rank(mask: ir.Value, states: ir.Value) -> int | None:
     """The rank of an ORT key mask, where its meaning is certain; ``states`` is ``[B, S, ·]``.
 
     A 1-D mask is either ``[B]`` end positions or ``[2B]`` end and start positions; only the
-    first is handled, so a 1-D mask counts when its length is the batch (same number or symbol)
-    or it is ``EmbedLayerNormalization``'s ``mask_index`` (``[B]`` by its schema; shape inference
-    does not see through contrib ops).
+    first is handled, so a 1-D mask counts when its length is the batch (same number or symbol),
+    it sums a 2-D mask over its rows, or it is ``EmbedLayerNormalization``'s ``mask_index``
+    (``[B]`` by its schema; shape inference does not see through contrib ops).
     """
     producer = mask.producer()
     if (producer is not None and producer.domain == MS_DOMAIN and producer.op_type == "EmbedLayerNormalization"
@@ -102,11 +102,27 @@ def mask_rank(mask: ir.Value, states: ir.Value) -> int | None:
         return 1
     if mask.shape is None:
         return None
+    if len(mask.shape) == 1 and _is_row_sum(mask):
+        return 1
     if len(mask.shape) == 1:
         batch = states.shape[0] if states.shape is not None and len(states.shape) >= 1 else None
         if batch is None or mask.shape[0] != batch or (not isinstance(batch, int) and batch.value is None):
             return None
     return len(mask.shape)
+
+
+def _is_row_sum(value: ir.Value) -> bool:
+    """``ReduceSum(m [B, S], axes=[1], keepdims=0)``, through Casts: one count per batch row (the
+    optimizer's ``mask_index`` for right-padded inputs)."""
+    producer = value.producer()
+    while producer is not None and producer.op_type == "Cast":
+        producer = producer.inputs[0].producer()
+    if producer is None or producer.op_type != "ReduceSum" or len(producer.inputs) < 2:
+        return False
+    axes = producer.inputs[1].const_value
+    source = producer.inputs[0]
+    return (axes is not None and list(axes.numpy().ravel()) in ([1], [-1]) and source.shape is not None
+            and len(source.shape) == 2)
 
 
 def mask_reason(mask: ir.Value, states: ir.Value, label: str, handled: str) -> str | None:
