@@ -391,9 +391,6 @@ def test_two_sites_with_different_masks_unmasked_output_is_graph_output(ops_libr
 # Not sites, and why
 
 
-DEFAULT_REASON = "not part of a known attention pattern"
-
-
 def test_scale_not_constant():
     discovery = find_sites(to_ir(eager_model(scaling="Mul", scale_input=True)))
     assert discovery.sites == []
@@ -422,9 +419,7 @@ def test_lone_softmax():
     discovery = find_sites(to_ir(make_model([node], [vi("X", [B, 10])])))
     assert discovery.sites == []
     assert len(discovery.unmatched) == 1
-    name, reason = discovery.unmatched[0]
-    assert name == "classifier_softmax"
-    assert reason.startswith(DEFAULT_REASON)
+    assert discovery.unmatched == [("classifier_softmax", "the scores have rank 2, not 4 ([B, H, Sq, Sk])")]
 
 
 def test_softmax_not_followed_by_matmul():
@@ -436,8 +431,7 @@ def test_softmax_not_followed_by_matmul():
     proto = make_model(nodes, [vi("Q", [B, H, S, D]), vi("Kt", [B, H, D, S])])
     discovery = find_sites(to_ir(proto))
     assert discovery.sites == []
-    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
-    assert discovery.unmatched[0][1].startswith(DEFAULT_REASON)
+    assert discovery.unmatched == [("the_softmax", "the probabilities go to Relu (Relu_2), not only to MatMul(·, V)")]
 
 
 def test_probabilities_used_elsewhere():
@@ -446,7 +440,30 @@ def test_probabilities_used_elsewhere():
     proto.graph.output.append(vi("probs", None))
     discovery = find_sites(to_ir(proto))
     assert discovery.sites == []
-    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
+    assert discovery.unmatched == [("the_softmax", "the probabilities are also a graph output (attention weights returned)")]
+
+
+def test_scores_not_from_a_matmul():
+    """BLOOM's form: scores made in 3-D (baddbmm with ALiBi), reshaped to 4-D before the Softmax."""
+    inits = [onnx.numpy_helper.from_array(np.array([B, H, S, S], np.int64), "shape4")]
+    nodes = [
+        helper.make_node("MatMul", ["Q3", "Kt3"], ["qk3"]),
+        helper.make_node("Reshape", ["qk3", "shape4"], ["qk"]),
+        helper.make_node("Add", ["qk", "M"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("MatMul", ["probs", "V"], ["Y"]),
+    ]
+    inputs = [vi("Q3", [B * H, S, D]), vi("Kt3", [B * H, D, S]), vi("M", [B, 1, 1, S]), vi("V", [B, H, S, D])]
+    discovery = find_sites(to_ir(make_model(nodes, inputs, inits)))
+    assert discovery.unmatched == [("the_softmax", "the scores come from Reshape (Reshape_1), not MatMul(Q, Kᵀ)")]
+
+
+def test_probabilities_feed_two_matmuls():
+    proto = eager_model()
+    proto.graph.node.append(helper.make_node("MatMul", ["probs", "V"], ["Y2"]))
+    proto.graph.output.append(vi("Y2", None))
+    discovery = find_sites(to_ir(proto))
+    assert discovery.unmatched == [("the_softmax", "the probabilities feed 2 MatMuls (attention weights used elsewhere)")]
 
 
 def test_attention_with_softcap():

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxprune.rules._common import SiteLayouts, SiteMatch
+from onnxprune.rules._diagnose import explain_unmatched_softmax
 from onnxprune.rules._site_rule import SiteRule
 from onnxprune.rules._fused_attention import MS_DOMAIN, SITE_KEY
 from onnxprune.rules.eager_attention import EagerAttention
@@ -111,15 +112,11 @@ def find_sites(model: ir.Model) -> Discovery:
     for node in graph:
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) in ATTENTION_OPS and node.name not in claimed:
-            unmatched.append(
-                (
-                    node.name,
-                    reasons.get(
-                        node.name,
-                        "not part of a known attention pattern "
-                        "(MatMul → [scale] → [mask] → Softmax → MatMul, Attention-23, or com.microsoft "
-                        "Attention/MultiHeadAttention)",
-                    ),
-                )
-            )
+            if node.name in reasons:
+                reason = reasons[node.name]
+            elif node.op_type == "Softmax":
+                reason = explain_unmatched_softmax(node)
+            else:
+                reason = f"{node.op_type} with inputs or outputs no rule handles"
+            unmatched.append((node.name, reason))
     return Discovery(sites, unmatched)
