@@ -50,6 +50,8 @@ class Family:
     ort_model_type: str | None = None
     #: rotary position embeddings (opset 23 exports them as ``RotaryEmbedding``)
     rotary: bool = False
+    #: transformers implements SDPA attention for it
+    sdpa: bool = True
 
 
 def _text_inputs(rng: np.random.Generator, batch: int, length: int = ENCODER_LENGTH) -> dict[str, np.ndarray]:
@@ -176,6 +178,10 @@ FAMILIES = {
                                  num_attention_heads=HEADS, ffn_dim=64, word_embed_proj_dim=HIDDEN, vocab_size=VOCAB,
                                  max_position_embeddings=MAX_POSITIONS),
                _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS),
+        # ALiBi: a per-head linear bias added to the scores, then masked_fill.
+        Family("mpt", _gpt_style("MptConfig", "MptModel", d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS,
+                                 expansion_ratio=2, max_seq_len=MAX_POSITIONS, vocab_size=VOCAB),
+               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, sdpa=False),
         Family("llama", _gpt_style("LlamaConfig", "LlamaModel", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                    num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64,
                                    vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS),

@@ -43,6 +43,12 @@ NOT_RUNNABLE: dict[tuple[str, str], str] = {
         for name, family in FAMILIES.items()
         if family.ort_model_type is None
     },
+    **{
+        (name, form): f"transformers has no SDPA attention for {name} (attn_implementation='sdpa' is refused)"
+        for name, family in FAMILIES.items()
+        for form, (_, attn, _, _) in FORMS.items()
+        if attn == "sdpa" and not family.sdpa
+    },
 }
 CELLS = [(family, form) for family in FAMILIES for form in FORMS]
 #: The ops each form may hold sites in (T5, Whisper and nn.MultiheadAttention keep eager math under SDPA).

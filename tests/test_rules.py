@@ -65,6 +65,9 @@ def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         if inp.name == "M" and elem == T.BOOL:
             value = rng.random(shape) > 0.3
             value[..., 0] = True  # no fully masked row
+        elif inp.name == "F":  # masked_fill's condition: true = masked; no row fully masked
+            value = rng.random(shape) < 0.3
+            value[..., 0] = False
         elif inp.name == "M":
             value = np.where(rng.random(shape) < 0.3, -np.inf, rng.standard_normal(shape)).astype(np.float32)
             value[..., 0] = 0.0
@@ -116,7 +119,8 @@ def check_rewrite(proto: onnx.ModelProto, ops_library: str, heads: int = H, expe
 
 
 def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node="initializer",
-                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False, bias=False, cast_to=(T.FLOAT,)):
+                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False, bias=False, cast_to=(T.FLOAT,),
+                fill=None, cast_scores=False):
     q_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     kv_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     perm = [0, 1, 3, 2] if q_rank == 4 else [0, 2, 1]
@@ -143,6 +147,17 @@ def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node
         inputs.append(vi("PB", [1, H, S, S]))
         nodes.append(helper.make_node("Add", [scores, "PB"], ["biased"]))
         scores = "biased"
+    if fill is not None:  # masked_fill(F, fill): F true = masked
+        inputs.append(vi("F", [B, 1, 1, S], T.BOOL))
+        if fill == "input":
+            inputs.append(vi("fill", []))
+        else:
+            inits.append(scalar("fill", fill))
+        nodes.append(helper.make_node("Where", ["F", "fill", scores], ["filled"]))
+        scores = "filled"
+    if cast_scores:
+        nodes.append(helper.make_node("Cast", [scores], ["scores_f32"], to=T.FLOAT))
+        scores = "scores_f32"
     nodes.append(helper.make_node("Softmax", [scores], ["probs"], axis=softmax_axis, name="the_softmax"))
     probs = "probs"
     for index in range(int(cast)):  # TorchScript: Cast to float32 (and once more to the value's type)
@@ -164,6 +179,10 @@ EAGER_VARIANTS = [
      pytest.param(dict(scaling="None", bias=True), id="None-mask-bias"),
      pytest.param(dict(scaling="None", bias=True, commuted=True, cast=2), id="None-mask-bias-commuted-two-casts"),
      pytest.param(dict(scaling="Div", bias=True), id="Div-mask-bias"),
+     pytest.param(dict(scaling="Mul", mask=False, fill=float(np.finfo(np.float32).min)), id="Mul-masked-fill"),
+     pytest.param(dict(scaling="Mul", bias=True, fill=float(np.finfo(np.float32).min), cast_scores=True, cast=2),
+                  id="Mul-mask-alibi-masked-fill-casts"),
+     pytest.param(dict(scaling="Div", mask=False, fill=-1e4), id="Div-masked-fill-1e4"),
      pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted"),
      pytest.param(dict(scaling="Mul", scale_first=True), id="Mul-scale-first"),
      pytest.param(dict(scaling="Mul", scale_first=True, commuted=True, cast=True), id="Mul-scale-first-commuted-cast")]
@@ -179,7 +198,7 @@ def test_eager_found(variant):
     assert site.form == "eager"
     expected_scale = 1.0 if variant["scaling"] == "None" else 1 / math.sqrt(D)
     assert site.scale == pytest.approx(expected_scale, rel=1e-6)
-    assert site.mask_kind == ("float" if variant.get("mask", True) else None)
+    assert site.mask_kind == ("float" if variant.get("mask", True) or variant.get("fill") else None)
     assert site.is_causal is False
     assert site.q.name == "Q" and site.v.name == "V" and site.k_transposed.name == "Kt"
     assert site.probs is not None and site.probs.name == "probs"
@@ -194,7 +213,7 @@ def test_eager_rewrite_keeps_outputs(variant, ops_library):
     assert attrs["block_size"] == BLOCK and attrs["is_causal"] == 0
     # Kᵀ came from a Transpose of K: the op takes K itself, no transpose added back.
     assert node.input[1] == "K"
-    assert (len(node.input) == 5) == variant.get("mask", True)
+    assert (len(node.input) == 5) == (variant.get("mask", True) or variant.get("fill") is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +291,18 @@ def test_eager_cast_to_half_is_not_a_site():
     assert discovery.unmatched == [
         ("the_softmax", "the probabilities are cast to another type than float32 before the MatMul with V")
     ]
+
+
+def test_eager_masked_fill_not_constant():
+    discovery = find_sites(to_ir(eager_model(mask=False, fill="input")))
+    assert discovery.unmatched == [("the_softmax", "masked_fill with a value that is not a constant")]
+
+
+def test_eager_scores_cast_to_half_is_not_a_site():
+    proto = eager_model(cast_scores=True)
+    next(n for n in proto.graph.node if n.op_type == "Cast").attribute[0].i = T.FLOAT16
+    discovery = find_sites(to_ir(proto))
+    assert discovery.unmatched[0][0] == "the_softmax" and discovery.sites == []
 
 
 def test_eager_bias_rewrite_sums_the_terms(ops_library):

@@ -33,6 +33,12 @@ class SiteMatch:
     #: More terms added to the scores after ``mask`` (T5: position bias, then the mask); the
     #: rewrite adds them into one ``attn_mask``.
     mask_addends: list[ir.Value] = dataclasses.field(default_factory=list)
+    #: ``(condition, value)`` of a ``masked_fill`` before the Softmax (MPT): where the condition
+    #: holds the score becomes ``value``. The rewrite adds ``Where(condition, value, 0)`` to the
+    #: mask: the same probabilities wherever a row keeps a key (a masked key gets exp(value + s)
+    #: ≈ 0 either way). A row masked entirely is uniform in the model and stays uniform only when
+    #: ``value`` swamps the scores (finfo.min, as MPT and DistilBERT use).
+    fill_mask: tuple[ir.Value, ir.Value] | None = None
     #: Heads and head size when Q is not ``[B, H, S, D]`` (fused ops: read from attributes).
     heads: int | None = None
     head_dim: int | None = None
@@ -57,7 +63,7 @@ class SiteMatch:
     @property
     def mask_kind(self) -> str | None:
         if self.mask is None:
-            return None
+            return "float" if self.fill_mask is not None else None
         return "bool" if self.mask.dtype == ir.DataType.BOOL else "float"
 
 
@@ -179,10 +185,15 @@ def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Va
     if k_source is not k and v_source is not v and k_source.shape[1] == v_source.shape[1]:
         k, v = k_source, v_source
     inputs = [site.q, k, v, layout_value]
-    if site.mask is not None:
-        mask = site.mask
-        for addend in site.mask_addends:
-            mask = op.Add(mask, addend)
+    terms = ([site.mask] if site.mask is not None else []) + list(site.mask_addends)
+    if site.fill_mask is not None:
+        condition, value = site.fill_mask
+        zero = op.Constant(value=ir.tensor(np.array(0.0, np.float32)))
+        terms.append(op.Where(condition, value, zero))
+    if terms:
+        mask = terms[0]
+        for term in terms[1:]:
+            mask = op.Add(mask, term)
         inputs.append(mask)
     return op.BlockSparseAttention(
         *inputs,

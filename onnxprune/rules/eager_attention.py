@@ -1,9 +1,11 @@
 """Eager attention as both torch exporters emit it (BERT, GPT-2, MiniLM, ...).
 
-    MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → [Add](bias) → Softmax(-1) → [Cast] → MatMul(·, V)
+    MatMul(Q, Kᵀ) → [Mul | Div](scale) → [Add](mask) → [Add](bias) → [Where](masked_fill) → [Cast]
+        → Softmax(-1) → [Cast [→ Cast]] → MatMul(·, V)
 
-The optional pieces are ``OrValue`` alternatives: T5 has no scaling, ViT no mask, GPT-2's
-TorchScript export casts the probabilities (once or twice) back to the value's type.
+The optional pieces are ``OrValue`` alternatives: T5 has no scaling and adds its position bias
+and mask one after the other, ViT has no mask, MPT adds ALiBi and then masks with
+``masked_fill`` (a ``Where``), TorchScript exports cast around the Softmax.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxprune.rules._fused_attention import FORM_KEY
-from onnxprune.rules._common import SiteMatch, check_qkv, node_name, scale_factor
+from onnxprune.rules._common import SiteMatch, check_qkv, node_name, scalar_constant, scale_factor
 from onnxprune.rules._site_rule import SiteRule
 
 
@@ -46,7 +48,7 @@ def softmax_axis_is_last(probs) -> bool:
 class EagerAttention(SiteRule):
     form = "eager"
 
-    def pattern(self, op, q, k_transposed, qk_scale, mask, second_mask, v):
+    def pattern(self, op, q, k_transposed, qk_scale, mask, second_mask, fill_condition, fill_value, v):
         scores = op.MatMul(q, k_transposed)
         scores = pattern.OrValue(
             [op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
@@ -59,16 +61,32 @@ class EagerAttention(SiteRule):
             tag_var="additive_terms",
             tag_values=[2, 1, 0],
         )
+        # masked_fill (MPT, older DistilBERT): masked scores replaced by a constant.
+        scores = pattern.OrValue(
+            [op.Where(fill_condition, fill_value, scores), scores], tag_var="filled", tag_values=[True, False]
+        )
+        # TorchScript casts the scores to float32 before the Softmax (a no-op for float32 models).
+        # (Every OrValue gets a tag: commute() cannot clone an untagged one.)
+        scores = pattern.OrValue(
+            [op.Cast(scores, _allow_other_attributes=True, _outputs=["cast_scores"]), scores],
+            tag_var="scores_cast",
+            tag_values=[True, False],
+        )
         probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
         return op.MatMul(float_casts(op, probs), v)
 
-    def site(self, q, k_transposed, v, probs, qk_scaling, additive_terms, qk_scale=None, mask=None,
-             second_mask=None, cast_first=None, cast_second=None, **_):
+    def site(self, q, k_transposed, v, probs, qk_scaling, additive_terms, filled, qk_scale=None, mask=None,
+             second_mask=None, fill_condition=None, fill_value=None, cast_scores=None, cast_first=None,
+             cast_second=None, **_):
         checked = check_qkv(q, v)
         if not checked:
             return checked.reason
         if not softmax_axis_is_last(probs):
             return "Softmax is not over the last axis"
+        if not casts_are_float(cast_scores):
+            return "the scores are cast to another type than float32 before the Softmax"
+        if filled and (scalar_constant(fill_value) is None or fill_condition.dtype not in (None, ir.DataType.BOOL)):
+            return "masked_fill with a value that is not a constant"
         if not casts_are_float(cast_first, cast_second):
             return "the probabilities are cast to another type than float32 before the MatMul with V"
         scale = scale_factor(qk_scaling, qk_scale)
@@ -85,5 +103,6 @@ class EagerAttention(SiteRule):
             scale=scale,
             mask=mask if additive_terms else None,
             mask_addends=[second_mask] if additive_terms == 2 else [],
+            fill_mask=(fill_condition, fill_value) if filled else None,
             probs=probs,
         )
