@@ -107,6 +107,7 @@ def test_found(variant):
     assert (site.num_heads, site.head_size) == (H, D)
     assert site.scale == pytest.approx(variant.get("scale", D ** -0.5))
     assert site.is_causal == bool(variant.get("unidirectional", 0))
+    assert site.mask_kind == ("key-padding" if variant.get("mask") else None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

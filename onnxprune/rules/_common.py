@@ -64,6 +64,8 @@ class SiteMatch:
     def mask_kind(self) -> str | None:
         if self.mask is None:
             return "float" if self.fill_mask is not None else None
+        if self.fused:  # ORT's key mask: 1-D end positions or 2-D 0/1 per key
+            return "key-padding"
         return "bool" if self.mask.dtype == ir.DataType.BOOL else "float"
 
 
