@@ -182,6 +182,10 @@ FAMILIES = {
         Family("mpt", _gpt_style("MptConfig", "MptModel", d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS,
                                  expansion_ratio=2, max_seq_len=MAX_POSITIONS, vocab_size=VOCAB),
                _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, sdpa=False),
+        # ALiBi added by baddbmm to scores computed with the heads folded into the batch.
+        Family("bloom", _gpt_style("BloomConfig", "BloomModel", hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                   vocab_size=VOCAB),
+               _text_inputs, _TEXT_DYNAMIC, LAYERS, causal_sites=LAYERS, sdpa=False),
         Family("llama", _gpt_style("LlamaConfig", "LlamaModel", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                    num_attention_heads=HEADS, num_key_value_heads=2, intermediate_size=64,
                                    vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS),

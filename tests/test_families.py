@@ -52,7 +52,10 @@ NOT_RUNNABLE: dict[tuple[str, str], str] = {
 }
 CELLS = [(family, form) for family in FAMILIES for form in FORMS]
 #: The ops each form may hold sites in (T5, Whisper and nn.MultiheadAttention keep eager math under SDPA).
-FORMS_SEEN = {"eager", "sdpa-decomposed", "onnx-attention", "com.microsoft.Attention", "com.microsoft.MultiHeadAttention"}
+FORMS_SEEN = {
+    "eager", "sdpa-decomposed", "onnx-attention", "batched-heads", "com.microsoft.Attention",
+    "com.microsoft.MultiHeadAttention",
+}
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from onnxprune.rules._common import SiteLayouts, SiteMatch
 from onnxprune.rules._diagnose import explain_unmatched_softmax
 from onnxprune.rules._site_rule import SiteRule
 from onnxprune.rules._fused_attention import MS_DOMAIN, SITE_KEY
+from onnxprune.rules.batched_attention import BatchedAttention
 from onnxprune.rules.eager_attention import EagerAttention
 from onnxprune.rules.ms_attention import DecomposeMsAttention, MsAttention
 from onnxprune.rules.ms_multi_head_attention import DecomposeMsMultiHeadAttention, MsMultiHeadAttention
@@ -37,6 +38,7 @@ def make_site_rules(layouts: SiteLayouts | None = None) -> list[SiteRule]:
     return [
         SdpaDecomposedAttention("SdpaDecomposedAttention", layouts),
         EagerAttention("EagerAttention", layouts),
+        BatchedAttention("BatchedAttention", layouts),
         OnnxAttention("OnnxAttentionWithMask", has_mask=True, layouts=layouts),
         OnnxAttention("OnnxAttention", has_mask=False, layouts=layouts),
         # Fused ONNX Runtime ops: discovery only; calibration and the rewrite decompose them first.
