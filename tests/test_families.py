@@ -92,9 +92,12 @@ def _run(path, feeds, with_library: bool) -> np.ndarray:
 def _layouts(path) -> dict[str, np.ndarray]:
     model = onnx.load(str(path))
     prefix = op_schema.LAYOUT_PREFIX
-    return {t.name[len(prefix):]: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith(prefix)}
+    return {
+        t.name[len(prefix):]: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith(prefix)
+    }
 
 
+@pytest.mark.slow  # the exports: ~2 s of CPU per dynamo form; still run by default
 @pytest.mark.parametrize("family,form", CELLS, ids=[f"{a}-{b}" for a, b in CELLS])
 def test_family_form(family, form, exported, tmp_path, ops_library):
     if (family, form) in NOT_RUNNABLE:
@@ -123,7 +126,8 @@ def test_family_form(family, form, exported, tmp_path, ops_library):
         model, report = prune(dense, stats, p, block_size=BLOCK)
         path = tmp_path / f"p{p}.onnx"
         save_model(model, path)
-        left = [(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node if "Attention" in n.op_type or n.op_type == "Softmax"]
+        left = [(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node
+                if "Attention" in n.op_type or n.op_type == "Softmax"]
         assert set(left) == {(op_schema.DOMAIN, op_schema.OP_TYPE)}, left
         assert sum(s.causal for s in report.sites) == spec.causal_sites
         layouts = _layouts(path)

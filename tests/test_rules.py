@@ -259,8 +259,10 @@ SDPA_VARIANTS = [
     for m in (True, False)
 ] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted"),
      pytest.param(dict(mask=True, scale_first=True), id="scale-first")]
-SDPA_UNSCALED = [pytest.param(dict(q_scaling="None", k_scaling="None", mask=m), id=f"unscaled-{'mask' if m else 'nomask'}")
-                 for m in (True, False)]
+SDPA_UNSCALED = [
+    pytest.param(dict(q_scaling="None", k_scaling="None", mask=m), id=f"unscaled-{'mask' if m else 'nomask'}")
+    for m in (True, False)
+]
 
 
 @pytest.mark.parametrize("variant", SDPA_VARIANTS)
@@ -471,7 +473,9 @@ def test_probabilities_used_elsewhere():
     proto.graph.output.append(vi("probs", None))
     discovery = find_sites(to_ir(proto))
     assert discovery.sites == []
-    assert discovery.unmatched == [("the_softmax", "the probabilities are also a graph output (attention weights returned)")]
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities are also a graph output (attention weights returned)")
+    ]
 
 
 def test_scores_not_from_a_matmul():
@@ -494,7 +498,9 @@ def test_probabilities_feed_two_matmuls():
     proto.graph.node.append(helper.make_node("MatMul", ["probs", "V"], ["Y2"]))
     proto.graph.output.append(vi("Y2", None))
     discovery = find_sites(to_ir(proto))
-    assert discovery.unmatched == [("the_softmax", "the probabilities feed 2 MatMuls (attention weights used elsewhere)")]
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities feed 2 MatMuls (attention weights used elsewhere)")
+    ]
 
 
 def test_attention_with_softcap():

@@ -103,11 +103,13 @@ class DecomposeMsAttention(MsAttention):
         v = fused.split_heads(op, v, site.heads)
         biases = []
         if site.mask is not None:
-            biases.append(fused.key_padding_bias(op, site.mask, fused.mask_rank(site.mask, hidden), hidden, filter_value))
+            rank = fused.mask_rank(site.mask, hidden)
+            biases.append(fused.key_padding_bias(op, site.mask, rank, hidden, filter_value))
         attention_bias = _input(node, ATTENTION_BIAS)
         if attention_bias is not None:
             biases.append(attention_bias)
         if site.is_causal:
-            biases.append(fused.causal_bias(op, fused.sequence_length(op, hidden), fused.sequence_length(op, hidden), filter_value))
+            length = fused.sequence_length(op, hidden)
+            biases.append(fused.causal_bias(op, length, length, filter_value))
         y = fused.attention_core(op, q, k_transposed, v, site.scale, biases, site.name, self.form)
         return fused.merge_heads(op, y)

@@ -35,8 +35,8 @@ class SdpaDecomposedAttention(SiteRule):
         cleaned = op.Where(op.IsNaN(probs), zero, probs)
         return op.MatMul(cleaned, v)
 
-    def site(self, q, k_transposed, v, probs, q_scaling, k_scaling, zero, has_mask, q_scale=None, k_scale=None, mask=None,
-             **_):
+    def site(self, q, k_transposed, v, probs, q_scaling, k_scaling, zero, has_mask, q_scale=None, k_scale=None,
+             mask=None, **_):
         checked = check_qkv(q, v)
         if not checked:
             return checked.reason
