@@ -9,6 +9,8 @@ No PyTorch is needed.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,9 +18,9 @@ from onnx import TensorProto, helper
 
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import file_sha256, load_ir
+from onnxprune.model_io import file_sha256, has_external_data, load_ir
 from onnxprune.progress import progress
-from onnxprune.rules import SiteMatch, find_sites
+from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
 from onnxprune.runtime import session
 from onnxprune.stats import Stats
 
@@ -101,6 +103,7 @@ def _key_pooling_nodes(probs: str, out: str, granularity: int) -> list[onnx.Node
 def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes, list[SiteMatch]]:
     """The model with one added output per site: its key-pooled attention probabilities."""
     ir_model = load_ir(model_path)
+    decompose_fused_attention(ir_model)
     discovery = find_sites(ir_model)
     if not discovery.sites:
         reasons = "; ".join(f"{n}: {r}" for n, r in discovery.unmatched[:3])
@@ -123,6 +126,22 @@ def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes,
         proto.graph.node.extend(_key_pooling_nodes(probs, out, granularity))
         proto.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     return proto.SerializeToString(), discovery.sites
+
+
+def _probe_session(probe: bytes, model_path: str | os.PathLike, threads: int | None):
+    """An ORT session of the probe model. With external data, ORT finds the data relative to the
+    model file, so the probe is written beside the model for as long as the session loads."""
+    proto = onnx.ModelProto.FromString(probe)
+    if not has_external_data(proto):
+        return session(probe, threads=threads, with_library=False)
+    folder = Path(model_path).resolve().parent
+    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-probe.", suffix=".onnx", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(probe)
+        return session(tmp, threads=threads, with_library=False)
+    finally:
+        os.unlink(tmp)
 
 
 def _pool_queries(key_pooled: np.ndarray, valid_q: np.ndarray, granularity: int) -> np.ndarray:
@@ -154,11 +173,12 @@ def calibrate(
 ) -> Stats:
     """Average attention statistics of every site of ``model_path`` over ``dataset``."""
     probe, sites = probe_model(model_path, granularity)
-    sess = session(probe, threads=threads, with_library=False)
+    sess = _probe_session(probe, model_path, threads)
     names = [o.name for o in sess.get_outputs()]
     stats: Stats | None = None
     sha = file_sha256(model_path)
     batches = dataset.batches(batch_size)
+    extents: dict[str, list] = {}  # site → [queries follow the input, keys do, query cells, key cells]
     total = -(-len(dataset) // batch_size)
     for feeds in progress(batches, total=total, desc="calibrating", unit="batch", enabled=show_progress):
         length = next(iter(feeds.values())).shape[1]
@@ -172,6 +192,15 @@ def calibrate(
         for site, pooled in zip(sites, outputs):
             # Self-attention sites follow the input's mask; other lengths count every position.
             sq, mk = pooled.shape[2], pooled.shape[3]
+            if sq > stats.max_length or mk > stats.cells:
+                raise OnnxpruneError(
+                    f"site {site.name} attends {sq} queries to {mk * granularity} keys, more than --max-length "
+                    f"{stats.max_length}"
+                )
+            extent = extents.setdefault(site.name, [True, True, 0, 0])
+            extent[0] &= sq == length
+            extent[1] &= mk == -(-length // granularity)
+            extent[2], extent[3] = max(extent[2], -(-sq // granularity)), max(extent[3], mk)
             valid_q = valid if sq == length else np.ones((valid.shape[0], sq))
             valid_k = valid if mk == -(-length // granularity) else np.ones((valid.shape[0], mk * granularity))
             summed = _pool_queries(pooled.astype(np.float64), valid_q, granularity)
@@ -183,4 +212,20 @@ def calibrate(
         stats.num_samples += valid.shape[0]
     if stats is None:
         raise OnnxpruneError("no calibration data")
+    return _trim_to_extents(stats, extents)
+
+
+def _trim_to_extents(stats: Stats, extents: dict[str, list]) -> Stats:
+    """Rectangular statistics where a site's queries or keys do not follow the input's length.
+
+    An axis that tracked the input's length (self-attention over it) spans ``max_length``; any
+    other (a decoder's queries, a fixed number of image patches or audio frames, the keys of
+    cross-attention from another input) spans the positions calibration saw, so cross-attention
+    gets an ``Mq × Mk`` layout.
+    """
+    for site, (follows_q, follows_k, cells_q, cells_k) in extents.items():
+        lq = stats.cells if follows_q else cells_q
+        lk = stats.cells if follows_k else cells_k
+        stats.sums[site] = np.ascontiguousarray(stats.sums[site][:, :lq, :lk])
+        stats.counts[site] = np.ascontiguousarray(stats.counts[site][:lq, :lk])
     return stats

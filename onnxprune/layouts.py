@@ -146,8 +146,9 @@ def effective_sparsity(lengths: np.ndarray, sites: dict[str, SiteLayout], block_
             continue
         m = -(-length // block_size)
         for site in sites.values():
-            region = site.layout[:, :m, :m]
+            region = site.layout[:, :m, :m]  # a rectangular layout may be smaller on one side
             dense = np.tril(np.ones((m, m), bool)) if site.causal else np.ones((m, m), bool)
+            dense = dense[: region.shape[1], : region.shape[2]]
             dense_blocks = dense.sum() * region.shape[0]
             computed += how_many * dense_blocks
             skipped += how_many * (dense_blocks - (region.astype(bool) & dense).sum())

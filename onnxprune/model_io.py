@@ -82,16 +82,20 @@ def _load_small_external_tensors(proto: onnx.ModelProto, base_dir: Path) -> None
         del tensor.external_data[:]
 
 
-def load_ir(path: str | os.PathLike, load_external_data: bool = True) -> ir.Model:
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def load_ir(path: str | os.PathLike, load_external_data: bool = False) -> ir.Model:
     """The model as onnx_ir, with shapes inferred and every node named.
 
-    With ``load_external_data=False`` the weights stay on disk: only tensors of at most
-    ``SMALL_TENSOR_BYTES`` are read (shapes, scales: what shape inference and the rules need);
-    onnx_ir memory-maps any other tensor only if asked for its values, so a model of any size
-    can be inspected.
+    External weights stay on disk (onnx_ir reads a tensor when asked for its values), so a model
+    over 2 GB loads in moments; only tensors of at most ``SMALL_TENSOR_BYTES`` are read up front,
+    so that shape inference and the rules see shapes and scales. ``load_external_data=True``
+    reads every weight into memory instead.
     """
     proto = load_proto(path, load_external_data=load_external_data)
-    if not load_external_data:
+    if has_external_data(proto):
         _load_small_external_tensors(proto, Path(path).resolve().parent)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
@@ -99,7 +103,7 @@ def load_ir(path: str | os.PathLike, load_external_data: bool = True) -> ir.Mode
         pass
     ensure_node_names(proto)
     model = ir.serde.deserialize_model(proto)
-    if not load_external_data:
+    if has_external_data(proto):
         ir.external_data.set_base_dir(model.graph, Path(path).resolve().parent)
     return model
 
@@ -108,6 +112,16 @@ def uses_domain(path: str | os.PathLike, domain: str) -> bool:
     """Whether the model imports ``domain`` or has a node in it (weights not loaded)."""
     proto = load_proto(path, load_external_data=False)
     return any(o.domain == domain for o in proto.opset_import) or any(n.domain == domain for n in proto.graph.node)
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+#: Larger tensors of a model saved with external data go to the data file (layouts stay inline).
+EXTERNAL_DATA_THRESHOLD = 1024
+#: Protobuf cannot serialise a model of 2 GiB or more: such models always get external data.
+PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 @contextlib.contextmanager
@@ -129,6 +143,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` atomically. An ``ir.Model`` whose weights came from external data, or that
+    is too large for protobuf, is written with its weights in ``<name>.data`` beside it."""
+    if isinstance(model, ir.Model):
+        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if uses_external_data(model) or weight_bytes >= PROTOBUF_LIMIT:
+            _save_with_external_data(model, Path(path))
+            return
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
+
+
+def _save_with_external_data(model: ir.Model, path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OnnxpruneError(f"{parent}: output directory does not exist")
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=parent) as staging:
+        staged = Path(staging) / path.name
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD)
+        # The data first: a model file never points at data that is not there yet.
+        os.replace(Path(staging) / data_name, parent / data_name)
+        os.replace(staged, path)

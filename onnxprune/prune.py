@@ -19,7 +19,7 @@ from onnxprune.layouts import LayoutResult, effective_sparsity, learn_layouts
 from onnxprune.model_io import file_sha256, load_ir
 from onnxprune.op_function import build_function
 from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-from onnxprune.rules import SiteLayouts, find_sites, rewrite_rule_set
+from onnxprune.rules import SiteLayouts, decompose_fused_attention, find_sites, rewrite_rule_set
 from onnxprune.stats import Stats
 
 METADATA_PREFIX = "onnxprune."
@@ -83,6 +83,7 @@ def prune(
             f"the statistics were computed for another model (sha256 {stats.model_sha256[:12]}…, "
             f"{model_path} has {model_sha[:12]}…); run calibrate on this model"
         )
+    decompose_fused_attention(model)
     discovery = find_sites(model)
     names = [s.name for s in discovery.sites]
     if not names:

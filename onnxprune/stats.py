@@ -24,8 +24,8 @@ class Stats:
     max_length: int
     model_sha256: str
     sites: list[str]
-    sums: dict[str, np.ndarray]  # float64 [H, Lg, Lg]
-    counts: dict[str, np.ndarray]  # float64 [Lg, Lg]
+    sums: dict[str, np.ndarray]  # float64 [H, Lq, Lk]; Lg = ⌈max_length/g⌉ on axes following the input
+    counts: dict[str, np.ndarray]  # float64 [Lq, Lk]
     lengths: np.ndarray  # int64 [max_length + 1]: how many inputs had each valid length
     num_samples: int = 0
 
@@ -60,6 +60,12 @@ class Stats:
             )
         if self.model_sha256 != other.model_sha256 or self.sites != other.sites:
             raise OnnxpruneError("cannot merge statistics computed for different models")
+        for site in self.sites:
+            if self.sums[site].shape != other.sums[site].shape:
+                raise OnnxpruneError(
+                    f"cannot merge statistics of site {site}: shapes {self.sums[site].shape} and "
+                    f"{other.sums[site].shape} (calibration saw other lengths for its non-input axes)"
+                )
         return dataclasses.replace(
             self,
             sums={s: self.sums[s] + other.sums[s] for s in self.sites},

@@ -142,7 +142,7 @@ def test_model_without_attention(capsys, tmp_path):
 
 @pytest.mark.parametrize("builder, node, reason", [
     (lambda: models.attention_encoder(scale_from_input=True), "layer0/softmax", "scale"),
-    (models.softmax_classifier, "class_softmax", "attention pattern"),
+    (models.softmax_classifier, "class_softmax", "rank 2, not 4"),
 ])
 def test_unmatched_softmax_has_a_reason(builder, node, reason, capsys, tmp_path):
     path = models.save(builder(), tmp_path / "model.onnx")

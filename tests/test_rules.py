@@ -65,6 +65,9 @@ def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         if inp.name == "M" and elem == T.BOOL:
             value = rng.random(shape) > 0.3
             value[..., 0] = True  # no fully masked row
+        elif inp.name == "F":  # masked_fill's condition: true = masked; no row fully masked
+            value = rng.random(shape) < 0.3
+            value[..., 0] = False
         elif inp.name == "M":
             value = np.where(rng.random(shape) < 0.3, -np.inf, rng.standard_normal(shape)).astype(np.float32)
             value[..., 0] = 0.0
@@ -116,7 +119,8 @@ def check_rewrite(proto: onnx.ModelProto, ops_library: str, heads: int = H, expe
 
 
 def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node="initializer",
-                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False):
+                softmax_axis=-1, q_rank=4, scale_input=False, scale_first=False, bias=False, cast_to=(T.FLOAT,),
+                fill=None, cast_scores=False):
     q_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     kv_shape = [B, H, S, D] if q_rank == 4 else [B * H, S, D]
     perm = [0, 1, 3, 2] if q_rank == 4 else [0, 2, 1]
@@ -139,11 +143,26 @@ def eager_model(scaling="Mul", mask=True, cast=False, commuted=False, scale_node
         inputs.append(vi("M", [B, 1, 1, S] if q_rank == 4 else [1, 1, S]))
         nodes.append(helper.make_node("Add", ["M", scores] if commuted else [scores, "M"], ["masked"]))
         scores = "masked"
+    if bias:  # T5: a position bias added after the mask
+        inputs.append(vi("PB", [1, H, S, S]))
+        nodes.append(helper.make_node("Add", [scores, "PB"], ["biased"]))
+        scores = "biased"
+    if fill is not None:  # masked_fill(F, fill): F true = masked
+        inputs.append(vi("F", [B, 1, 1, S], T.BOOL))
+        if fill == "input":
+            inputs.append(vi("fill", []))
+        else:
+            inits.append(scalar("fill", fill))
+        nodes.append(helper.make_node("Where", ["F", "fill", scores], ["filled"]))
+        scores = "filled"
+    if cast_scores:
+        nodes.append(helper.make_node("Cast", [scores], ["scores_f32"], to=T.FLOAT))
+        scores = "scores_f32"
     nodes.append(helper.make_node("Softmax", [scores], ["probs"], axis=softmax_axis, name="the_softmax"))
     probs = "probs"
-    if cast:
-        nodes.append(helper.make_node("Cast", ["probs"], ["probs_cast"], to=T.FLOAT))
-        probs = "probs_cast"
+    for index in range(int(cast)):  # TorchScript: Cast to float32 (and once more to the value's type)
+        nodes.append(helper.make_node("Cast", [probs], [f"probs_cast{index}"], to=cast_to[index % len(cast_to)]))
+        probs = f"probs_cast{index}"
     nodes.append(helper.make_node("MatMul", [probs, "V"], ["Y"]))
     return make_model(nodes, inputs, inits)
 
@@ -156,6 +175,14 @@ EAGER_VARIANTS = [
     for c in (False, True)
     for x in ((False, True) if m else (False,))
 ] + [pytest.param(dict(scaling="Mul", scale_node="Constant"), id="Mul-Constant-node"),
+     pytest.param(dict(scaling="Mul", cast=2), id="Mul-mask-two-casts"),
+     pytest.param(dict(scaling="None", bias=True), id="None-mask-bias"),
+     pytest.param(dict(scaling="None", bias=True, commuted=True, cast=2), id="None-mask-bias-commuted-two-casts"),
+     pytest.param(dict(scaling="Div", bias=True), id="Div-mask-bias"),
+     pytest.param(dict(scaling="Mul", mask=False, fill=float(np.finfo(np.float32).min)), id="Mul-masked-fill"),
+     pytest.param(dict(scaling="Mul", bias=True, fill=float(np.finfo(np.float32).min), cast_scores=True, cast=2),
+                  id="Mul-mask-alibi-masked-fill-casts"),
+     pytest.param(dict(scaling="Div", mask=False, fill=-1e4), id="Div-masked-fill-1e4"),
      pytest.param(dict(scaling="Div", scale_node="Constant", commuted=True), id="Div-Constant-node-commuted"),
      pytest.param(dict(scaling="Mul", scale_first=True), id="Mul-scale-first"),
      pytest.param(dict(scaling="Mul", scale_first=True, commuted=True, cast=True), id="Mul-scale-first-commuted-cast")]
@@ -171,7 +198,7 @@ def test_eager_found(variant):
     assert site.form == "eager"
     expected_scale = 1.0 if variant["scaling"] == "None" else 1 / math.sqrt(D)
     assert site.scale == pytest.approx(expected_scale, rel=1e-6)
-    assert site.mask_kind == ("float" if variant.get("mask", True) else None)
+    assert site.mask_kind == ("float" if variant.get("mask", True) or variant.get("fill") else None)
     assert site.is_causal is False
     assert site.q.name == "Q" and site.v.name == "V" and site.k_transposed.name == "Kt"
     assert site.probs is not None and site.probs.name == "probs"
@@ -186,7 +213,7 @@ def test_eager_rewrite_keeps_outputs(variant, ops_library):
     assert attrs["block_size"] == BLOCK and attrs["is_causal"] == 0
     # Kᵀ came from a Transpose of K: the op takes K itself, no transpose added back.
     assert node.input[1] == "K"
-    assert (len(node.input) == 5) == variant.get("mask", True)
+    assert (len(node.input) == 5) == (variant.get("mask", True) or variant.get("fill") is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,19 +223,21 @@ def test_eager_rewrite_keeps_outputs(variant, ops_library):
 def sdpa_model(q_scaling="Mul", k_scaling="Mul", mask=True, zero=0.0, scale_input=False, commuted=False,
                scale_first=False):
     root = D ** -0.25  # each side applies √scale
-    value = {"Mul": root, "Div": 1 / root}
+    value = {"Mul": root, "Div": 1 / root, "None": 1.0}
     inputs = [vi("Q", [B, H, S, D]), vi("K", [B, H, S, D]), vi("V", [B, H, S, D])]
     inits = [scalar("zero", zero), scalar("ks", value[k_scaling])]
     if scale_input:
         inputs.append(vi("qs", []))
     else:
         inits.append(scalar("qs", value[q_scaling]))
-    nodes = [
-        helper.make_node(q_scaling, ["qs", "Q"] if scale_first else ["Q", "qs"], ["q_scaled"]),
-        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
-        helper.make_node(k_scaling, ["ks", "Kt"] if scale_first else ["Kt", "ks"], ["k_scaled"]),
-        helper.make_node("MatMul", ["q_scaled", "k_scaled"], ["scores"]),
-    ]
+    nodes = [helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2])]
+    # OPT scales Q in its projection and passes scale 1: no scaling node on either side.
+    operands = []
+    for scaling, x, factor, out in ((q_scaling, "Q", "qs", "q_scaled"), (k_scaling, "Kt", "ks", "k_scaled")):
+        if scaling != "None":
+            nodes.append(helper.make_node(scaling, [factor, x] if scale_first else [x, factor], [out]))
+        operands.append(x if scaling == "None" else out)
+    nodes.append(helper.make_node("MatMul", operands, ["scores"]))
     scores = "scores"
     if mask:
         inputs.append(vi("M", [B, 1, S, S]))
@@ -230,6 +259,10 @@ SDPA_VARIANTS = [
     for m in (True, False)
 ] + [pytest.param(dict(mask=True, commuted=True), id="mask-commuted"),
      pytest.param(dict(mask=True, scale_first=True), id="scale-first")]
+SDPA_UNSCALED = [
+    pytest.param(dict(q_scaling="None", k_scaling="None", mask=m), id=f"unscaled-{'mask' if m else 'nomask'}")
+    for m in (True, False)
+]
 
 
 @pytest.mark.parametrize("variant", SDPA_VARIANTS)
@@ -252,6 +285,43 @@ def test_sdpa_decomposed_rewrite_keeps_outputs(variant, ops_library):
     node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
     scale = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "scale")
     assert scale == pytest.approx(1 / math.sqrt(D), rel=1e-6)
+
+
+def test_eager_cast_to_half_is_not_a_site():
+    discovery = find_sites(to_ir(eager_model(cast=2, cast_to=(T.FLOAT16, T.FLOAT))))
+    assert discovery.sites == []
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities are cast to another type than float32 before the MatMul with V")
+    ]
+
+
+def test_eager_masked_fill_not_constant():
+    discovery = find_sites(to_ir(eager_model(mask=False, fill="input")))
+    assert discovery.unmatched == [("the_softmax", "masked_fill with a value that is not a constant")]
+
+
+def test_eager_scores_cast_to_half_is_not_a_site():
+    proto = eager_model(cast_scores=True)
+    next(n for n in proto.graph.node if n.op_type == "Cast").attribute[0].i = T.FLOAT16
+    discovery = find_sites(to_ir(proto))
+    assert discovery.unmatched[0][0] == "the_softmax" and discovery.sites == []
+
+
+def test_eager_bias_rewrite_sums_the_terms(ops_library):
+    pruned = check_rewrite(eager_model(scaling="None", bias=True), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    producer = next(n for n in pruned.graph.node if node.input[4] in n.output)
+    assert producer.op_type == "Add" and sorted(producer.input) == ["M", "PB"]
+
+
+@pytest.mark.parametrize("variant", SDPA_UNSCALED)
+def test_sdpa_decomposed_unscaled(variant, ops_library):
+    model = sdpa_model(**variant)
+    discovery = find_sites(to_ir(model))
+    assert [(s.form, s.scale, s.mask_kind) for s in discovery.sites] == [
+        ("sdpa-decomposed", 1.0, "float" if variant["mask"] else None)
+    ]
+    check_rewrite(model, ops_library, expect_no=("Softmax", "IsNaN", "Where"))
 
 
 def test_sdpa_decomposed_nan_replacement_not_zero():
@@ -354,9 +424,6 @@ def test_two_sites_with_different_masks_unmasked_output_is_graph_output(ops_libr
 # Not sites, and why
 
 
-DEFAULT_REASON = "not part of a known attention pattern"
-
-
 def test_scale_not_constant():
     discovery = find_sites(to_ir(eager_model(scaling="Mul", scale_input=True)))
     assert discovery.sites == []
@@ -385,9 +452,7 @@ def test_lone_softmax():
     discovery = find_sites(to_ir(make_model([node], [vi("X", [B, 10])])))
     assert discovery.sites == []
     assert len(discovery.unmatched) == 1
-    name, reason = discovery.unmatched[0]
-    assert name == "classifier_softmax"
-    assert reason.startswith(DEFAULT_REASON)
+    assert discovery.unmatched == [("classifier_softmax", "the scores have rank 2, not 4 ([B, H, Sq, Sk])")]
 
 
 def test_softmax_not_followed_by_matmul():
@@ -399,8 +464,7 @@ def test_softmax_not_followed_by_matmul():
     proto = make_model(nodes, [vi("Q", [B, H, S, D]), vi("Kt", [B, H, D, S])])
     discovery = find_sites(to_ir(proto))
     assert discovery.sites == []
-    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
-    assert discovery.unmatched[0][1].startswith(DEFAULT_REASON)
+    assert discovery.unmatched == [("the_softmax", "the probabilities go to Relu (Relu_2), not only to MatMul(·, V)")]
 
 
 def test_probabilities_used_elsewhere():
@@ -409,7 +473,34 @@ def test_probabilities_used_elsewhere():
     proto.graph.output.append(vi("probs", None))
     discovery = find_sites(to_ir(proto))
     assert discovery.sites == []
-    assert [n for n, _ in discovery.unmatched] == ["the_softmax"]
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities are also a graph output (attention weights returned)")
+    ]
+
+
+def test_scores_not_from_a_matmul():
+    """BLOOM's form: scores made in 3-D (baddbmm with ALiBi), reshaped to 4-D before the Softmax."""
+    inits = [onnx.numpy_helper.from_array(np.array([B, H, S, S], np.int64), "shape4")]
+    nodes = [
+        helper.make_node("MatMul", ["Q3", "Kt3"], ["qk3"]),
+        helper.make_node("Reshape", ["qk3", "shape4"], ["qk"]),
+        helper.make_node("Add", ["qk", "M"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("MatMul", ["probs", "V"], ["Y"]),
+    ]
+    inputs = [vi("Q3", [B * H, S, D]), vi("Kt3", [B * H, D, S]), vi("M", [B, 1, 1, S]), vi("V", [B, H, S, D])]
+    discovery = find_sites(to_ir(make_model(nodes, inputs, inits)))
+    assert discovery.unmatched == [("the_softmax", "the scores come from Reshape (Reshape_1), not MatMul(Q, Kᵀ)")]
+
+
+def test_probabilities_feed_two_matmuls():
+    proto = eager_model()
+    proto.graph.node.append(helper.make_node("MatMul", ["probs", "V"], ["Y2"]))
+    proto.graph.output.append(vi("Y2", None))
+    discovery = find_sites(to_ir(proto))
+    assert discovery.unmatched == [
+        ("the_softmax", "the probabilities feed 2 MatMuls (attention weights used elsewhere)")
+    ]
 
 
 def test_attention_with_softcap():
@@ -434,3 +525,50 @@ def test_rewrite_carries_the_layout_as_initializer(ops_library):
     name = op_schema.layout_name("the_softmax")
     assert name in model.graph.initializers
     np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped-query attention: K and V repeated per query head (transformers' repeat_kv)
+
+
+def repeated_kv_model(kv_heads: int, unsqueeze_axis: int = 2):
+    """Eager attention over K, V of ``kv_heads`` heads repeated to H heads as repeat_kv does."""
+    group = H // kv_heads
+    expanded = [B, kv_heads, group, S, D] if unsqueeze_axis == 2 else [B, group, kv_heads, S, D]
+    inits = [
+        onnx.numpy_helper.from_array(np.array([unsqueeze_axis], np.int64), "axis"),
+        onnx.numpy_helper.from_array(np.array(expanded, np.int64), "shape5"),
+        onnx.numpy_helper.from_array(np.array([B, H, S, D], np.int64), "shape4"),
+        scalar("sc", 1 / math.sqrt(D)),
+    ]
+    nodes = []
+    for name in ("K", "V"):
+        nodes += [
+            helper.make_node("Unsqueeze", [f"{name}g", "axis"], [f"{name}5"]),
+            helper.make_node("Expand", [f"{name}5", "shape5"], [f"{name}e"]),
+            helper.make_node("Reshape", [f"{name}e", "shape4"], [name]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["Q", "Kt"], ["qk"]),
+        helper.make_node("Mul", ["qk", "sc"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name="the_softmax"),
+        helper.make_node("MatMul", ["probs", "V"], ["Y"]),
+    ]
+    inputs = [vi("Q", [B, H, S, D]), vi("Kg", [B, kv_heads, S, D]), vi("Vg", [B, kv_heads, S, D])]
+    return make_model(nodes, inputs, inits)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["mqa", "gqa"])
+def test_repeated_kv_reads_the_kv_heads(kv_heads, ops_library):
+    pruned = check_rewrite(repeated_kv_model(kv_heads), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    assert list(node.input[1:3]) == ["Kg", "Vg"]
+    assert not any(n.op_type == "Expand" for n in pruned.graph.node)
+
+
+def test_heads_repeated_in_another_order_stay_repeated(ops_library):
+    # Unsqueeze at axis 1 gives query head h the KV head h % Hkv, not h // G: not the op's grouping.
+    pruned = check_rewrite(repeated_kv_model(2, unsqueeze_axis=1), ops_library)
+    node = next(n for n in pruned.graph.node if n.op_type == op_schema.OP_TYPE)
+    assert list(node.input[1:3]) == ["K", "V"]

@@ -181,3 +181,23 @@ def test_mean_is_zero_where_unseen():
     np.testing.assert_array_equal(mean[:, 0, 0], [2.0, 4.0])
     assert mean[:, 1:, :].sum() == 0 and mean[:, :, 1:].sum() == 0
     assert np.all(np.isfinite(mean))
+
+
+def test_merge_rectangular_sites_of_other_extents_raises():
+    """A cross-attention site's statistics span the decoder lengths calibration saw."""
+    a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    b = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    a.sums["s"], a.counts["s"] = a.sums["s"][:, :2], a.counts["s"][:2]
+    b.sums["s"], b.counts["s"] = b.sums["s"][:, :3], b.counts["s"][:3]
+    with pytest.raises(OnnxpruneError, match="cannot merge statistics of site s"):
+        a.merge(b)
+
+
+def test_rectangular_round_trip(tmp_path):
+    stats = Stats.empty({"cross": 2}, 16, 64, "a" * 64)
+    stats.sums["cross"] = np.random.default_rng(0).random((2, 2, 4))
+    stats.counts["cross"] = np.ones((2, 4))
+    stats.save(tmp_path / "s.safetensors")
+    loaded = Stats.load(tmp_path / "s.safetensors")
+    np.testing.assert_array_equal(loaded.sums["cross"], stats.sums["cross"])
+    assert loaded.mean("cross").shape == (2, 2, 4)

@@ -12,12 +12,25 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxprune.rules._common import SiteLayouts, SiteMatch
+from onnxprune.rules._diagnose import explain_unmatched_softmax
 from onnxprune.rules._site_rule import SiteRule
+from onnxprune.rules._fused_attention import MS_DOMAIN, SITE_KEY
+from onnxprune.rules.batched_attention import BatchedAttention
 from onnxprune.rules.eager_attention import EagerAttention
+from onnxprune.rules.ms_attention import DecomposeMsAttention, MsAttention
+from onnxprune.rules.ms_multi_head_attention import DecomposeMsMultiHeadAttention, MsMultiHeadAttention
 from onnxprune.rules.onnx_attention import OnnxAttention
 from onnxprune.rules.sdpa_decomposed_attention import SdpaDecomposedAttention
 
-__all__ = ["Discovery", "SiteLayouts", "SiteMatch", "find_sites", "make_site_rules", "rewrite_rule_set"]
+__all__ = [
+    "Discovery", "SiteLayouts", "SiteMatch", "decompose_fused_attention", "find_sites", "make_site_rules",
+    "rewrite_rule_set",
+]
+
+#: (domain, op type) of every node that is attention: each is a site or listed as unmatched.
+ATTENTION_OPS = {
+    ("", "Softmax"), ("", "Attention"), (MS_DOMAIN, "Attention"), (MS_DOMAIN, "MultiHeadAttention"),
+}
 
 
 def make_site_rules(layouts: SiteLayouts | None = None) -> list[SiteRule]:
@@ -25,9 +38,34 @@ def make_site_rules(layouts: SiteLayouts | None = None) -> list[SiteRule]:
     return [
         SdpaDecomposedAttention("SdpaDecomposedAttention", layouts),
         EagerAttention("EagerAttention", layouts),
+        BatchedAttention("BatchedAttention", layouts),
         OnnxAttention("OnnxAttentionWithMask", has_mask=True, layouts=layouts),
         OnnxAttention("OnnxAttention", has_mask=False, layouts=layouts),
+        # Fused ONNX Runtime ops: discovery only; calibration and the rewrite decompose them first.
+        MsAttention("MsAttention", layouts),
+        MsAttention("MsAttentionWithPresent", layouts, with_present=True),
+        MsMultiHeadAttention("MsMultiHeadAttention", layouts),
+        MsMultiHeadAttention("MsMultiHeadAttentionWithPresent", layouts, with_present=True),
     ]
+
+
+def decompose_fused_attention(model: ir.Model) -> int:
+    """Rewrite ONNX Runtime's fused attention ops into the eager form (in place); the number rewritten.
+
+    Each decomposed Softmax is named after its fused node, so sites keep their names.
+    """
+    rules = pattern.RewriteRuleSet(
+        [
+            DecomposeMsAttention.rule("DecomposeMsAttention"),
+            DecomposeMsMultiHeadAttention.rule("DecomposeMsMultiHeadAttention"),
+        ]
+    )
+    count = rules.apply_to_model(model)
+    for node in model.graph:
+        name = node.metadata_props.get(SITE_KEY)
+        if node.op_type == "Softmax" and name:
+            node.name = name
+    return count
 
 
 def rewrite_rule_set(layouts: SiteLayouts) -> pattern.RewriteRuleSet:
@@ -74,15 +112,13 @@ def find_sites(model: ir.Model) -> Discovery:
             break
     unmatched = []
     for node in graph:
-        if node.op_type in ("Softmax", "Attention") and node.domain in ("", "ai.onnx") and node.name not in claimed:
-            unmatched.append(
-                (
-                    node.name,
-                    reasons.get(
-                        node.name,
-                        "not part of a known attention pattern "
-                        "(MatMul → [scale] → [mask] → Softmax → MatMul, or Attention-23)",
-                    ),
-                )
-            )
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) in ATTENTION_OPS and node.name not in claimed:
+            if node.name in reasons:
+                reason = reasons[node.name]
+            elif node.op_type == "Softmax":
+                reason = explain_unmatched_softmax(node)
+            else:
+                reason = f"{node.op_type} with inputs or outputs no rule handles"
+            unmatched.append((node.name, reason))
     return Discovery(sites, unmatched)

@@ -30,21 +30,42 @@ class SiteMatch:
     mask: ir.Value | None = None
     is_causal: bool = False
     probs: ir.Value | None = None
+    #: More terms added to the scores after ``mask`` (T5: position bias, then the mask); the
+    #: rewrite adds them into one ``attn_mask``.
+    mask_addends: list[ir.Value] = dataclasses.field(default_factory=list)
+    #: ``(condition, value)`` of a ``masked_fill`` before the Softmax (MPT): where the condition
+    #: holds the score becomes ``value``. The rewrite adds ``Where(condition, value, 0)`` to the
+    #: mask: the same probabilities wherever a row keeps a key (a masked key gets exp(value + s)
+    #: ≈ 0 either way). A row masked entirely is uniform in the model and stays uniform only when
+    #: ``value`` swamps the scores (finfo.min, as MPT and DistilBERT use).
+    fill_mask: tuple[ir.Value, ir.Value] | None = None
+    #: Heads and head size when Q is not ``[B, H, S, D]`` (fused ops: read from attributes).
+    heads: int | None = None
+    head_dim: int | None = None
+    #: A fused ONNX Runtime op (``q``/``k``/``v`` are its packed inputs): ``decompose_fused_attention``
+    #: turns it into the eager form before calibration and the rewrite.
+    fused: bool = False
 
     @property
     def num_heads(self) -> int | None:
-        dim = self.q.shape[1] if self.q.shape is not None else None
+        if self.heads is not None:
+            return self.heads
+        dim = self.q.shape[1] if self.q.shape is not None and len(self.q.shape) == 4 else None
         return dim if isinstance(dim, int) else None
 
     @property
     def head_size(self) -> int | None:
-        dim = self.q.shape[3] if self.q.shape is not None else None
+        if self.head_dim is not None:
+            return self.head_dim
+        dim = self.q.shape[3] if self.q.shape is not None and len(self.q.shape) == 4 else None
         return dim if isinstance(dim, int) else None
 
     @property
     def mask_kind(self) -> str | None:
         if self.mask is None:
-            return None
+            return "float" if self.fill_mask is not None else None
+        if self.fused:  # ORT's key mask: 1-D end positions or 2-D 0/1 per key
+            return "key-padding"
         return "bool" if self.mask.dtype == ir.DataType.BOOL else "float"
 
 
@@ -71,16 +92,30 @@ def scale_factor(kind: str, value: ir.Value | None) -> float | None:
     return float(number) if kind == "Mul" else 1.0 / float(number)
 
 
+def rank_of(value: ir.Value) -> int | None:
+    """The rank of ``value``: from its shape, or, where shape inference stopped (after a contrib
+    op), from the ``Transpose`` that made it (its ``perm`` has one entry per axis)."""
+    if value.shape is not None:
+        return len(value.shape)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
+        perm = producer.attributes.get("perm")
+        if perm is not None:
+            return len(perm.as_ints())
+    return None
+
+
 def check_qkv(q: ir.Value, v: ir.Value) -> pattern.MatchResult:
     """The kernel's requirements on Q and V: float32, rank 4."""
     result = pattern.MatchResult()
     for name, value in (("Q", q), ("V", v)):
         if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
             return result.fail(f"{name} is {value.dtype.name}, the CPU kernel takes float32", value)
-        if value.shape is None:
+        rank = rank_of(value)
+        if rank is None:
             return result.fail(f"shape of {name} unknown", value)
-        if len(value.shape) != 4:
-            return result.fail(f"{name} has rank {len(value.shape)}, not 4 ([B, H, S, D])", value)
+        if rank != 4:
+            return result.fail(f"{name} has rank {rank}, not 4 ([B, H, S, D])", value)
     return result
 
 
@@ -101,6 +136,42 @@ def transposed_key(value: ir.Value) -> ir.Value | None:
     return producer.inputs[0]
 
 
+def _int_or_symbol(dim):
+    return dim if isinstance(dim, int) else getattr(dim, "value", None)
+
+
+def grouped_source(value: ir.Value) -> ir.Value:
+    """The ``[B, Hkv, S, D]`` tensor behind ``repeat_kv`` (Llama, Qwen, ...), else ``value``.
+
+    ``Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, G, S, D]), [B, Hkv·G, S, D])`` gives query head
+    ``h`` the KV head ``h // G``, which is how the op reads grouped heads: it can take ``x`` itself.
+    """
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx"):
+        return value
+    expand = reshape.inputs[0].producer()
+    if expand is None or expand.op_type != "Expand" or expand.domain not in ("", "ai.onnx"):
+        return value
+    unsqueeze = expand.inputs[0].producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) < 2:
+        return value
+    axes = _ir_utils.get_numpy_value(unsqueeze.inputs[1])
+    source, expanded = unsqueeze.inputs[0], expand.outputs[0]
+    if axes is None or list(np.ravel(axes)) != [2] or source.shape is None or expanded.shape is None:
+        return value
+    if len(source.shape) != 4 or len(expanded.shape) != 5 or value.shape is None or len(value.shape) != 4:
+        return value
+    # Every axis but the new one is the source's, and the result merges exactly (Hkv, G).
+    same = [_int_or_symbol(source.shape[i]) == _int_or_symbol(expanded.shape[j]) is not None
+            for i, j in ((1, 1), (2, 3), (3, 4))]
+    hkv, group, merged = (_int_or_symbol(d) for d in (expanded.shape[1], expanded.shape[2], value.shape[1]))
+    if not all(same) or not all(isinstance(d, int) for d in (hkv, group, merged)) or hkv * group != merged:
+        return value
+    if _int_or_symbol(value.shape[3]) != _int_or_symbol(source.shape[3]):
+        return value
+    return source
+
+
 def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Value:
     """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout."""
     layout = np.ascontiguousarray(spec.layouts[site.name], dtype=np.uint8)
@@ -110,9 +181,22 @@ def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Va
         k = transposed_key(site.k_transposed)
     if k is None:
         k = op.Transpose(site.k_transposed, perm=[0, 1, 3, 2])
-    inputs = [site.q, k, site.v, layout_value]
-    if site.mask is not None:
-        inputs.append(site.mask)
+    # Grouped-query attention: the op reads the Hkv heads themselves, not their repeats.
+    v = site.v
+    k_source, v_source = grouped_source(k), grouped_source(v)
+    if k_source is not k and v_source is not v and k_source.shape[1] == v_source.shape[1]:
+        k, v = k_source, v_source
+    inputs = [site.q, k, v, layout_value]
+    terms = ([site.mask] if site.mask is not None else []) + list(site.mask_addends)
+    if site.fill_mask is not None:
+        condition, value = site.fill_mask
+        zero = op.Constant(value=ir.tensor(np.array(0.0, np.float32)))
+        terms.append(op.Where(condition, value, zero))
+    if terms:
+        mask = terms[0]
+        for term in terms[1:]:
+            mask = op.Add(mask, term)
+        inputs.append(mask)
     return op.BlockSparseAttention(
         *inputs,
         block_size=spec.block_size,

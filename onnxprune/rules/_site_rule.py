@@ -32,6 +32,8 @@ class SiteRule(pattern.RewriteRuleClassBase, abc.ABC):
         site = self.site(**bindings)
         if isinstance(site, str):
             return result.fail(site)
+        if site.fused:
+            return result.fail("a fused op: decompose_fused_attention first")
         if self.layouts is not None and site.name not in self.layouts.layouts:
             return result.fail(f"no layout for site {site.name}")
         self._site = site

@@ -3,7 +3,8 @@
     MatMul([Mul|Div](Q, √s), [Mul|Div](Kᵀ, √s)) → [Add](mask) → Softmax(-1)
         → Where(IsNaN(·), 0, ·) → MatMul(·, V)
 
-The scale is split over Q and Kᵀ (their product is the site's scale); the ``IsNaN``/``Where``
+The scale is split over Q and Kᵀ (their product is the site's scale; a scale of 1, as OPT passes
+after scaling Q in its projection, leaves no Mul); the ``IsNaN``/``Where``
 pair turns fully masked rows into zeros, which is the op's own semantics.
 """
 
@@ -21,12 +22,12 @@ class SdpaDecomposedAttention(SiteRule):
 
     def pattern(self, op, q, k_transposed, q_scale, k_scale, mask, zero, v):
         q_scaled = pattern.OrValue(
-            [op.Mul(q, q_scale), op.Div(q, q_scale)], tag_var="q_scaling", tag_values=["Mul", "Div"]
+            [op.Mul(q, q_scale), op.Div(q, q_scale), q], tag_var="q_scaling", tag_values=["Mul", "Div", "None"]
         )
         k_scaled = pattern.OrValue(
-            [op.Mul(k_transposed, k_scale), op.Div(k_transposed, k_scale)],
+            [op.Mul(k_transposed, k_scale), op.Div(k_transposed, k_scale), k_transposed],
             tag_var="k_scaling",
-            tag_values=["Mul", "Div"],
+            tag_values=["Mul", "Div", "None"],
         )
         scores = op.MatMul(q_scaled, k_scaled)
         scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
@@ -34,7 +35,8 @@ class SdpaDecomposedAttention(SiteRule):
         cleaned = op.Where(op.IsNaN(probs), zero, probs)
         return op.MatMul(cleaned, v)
 
-    def site(self, q, k_transposed, v, probs, q_scaling, k_scaling, q_scale, k_scale, zero, has_mask, mask=None, **_):
+    def site(self, q, k_transposed, v, probs, q_scaling, k_scaling, zero, has_mask, q_scale=None, k_scale=None,
+             mask=None, **_):
         checked = check_qkv(q, v)
         if not checked:
             return checked.reason
