@@ -123,7 +123,7 @@ def _add_recover_parser(verb) -> None:
                         "(self-distillation on unlabelled text), then export and prune it again with the same layouts.")
     p.add_argument("model", help="the transformers model directory that was exported and pruned")
     p.add_argument("pruned", help="the pruned .onnx whose layouts to apply")
-    p.add_argument("--data", required=True, help="unlabelled text file (one example per line)")
+    p.add_argument("--data", required=True, help="unlabelled text file (one example per line) or .npz of model inputs")
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model directory)")
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per input (default 256)")
     p.add_argument("--limit", type=_positive, help="use at most this many inputs")

@@ -96,6 +96,8 @@ def block_sparse_attention_forward(module, query, key, value, attention_mask, sc
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     layout = getattr(module, "onnxprune_layout", None)
     if layout is not None:
+        if layout.device != scores.device:
+            layout = module.onnxprune_layout = layout.to(scores.device)
         allowed = _expanded_allowed(layout, module.onnxprune_block_size, scores.shape[-2], scores.shape[-1])
         scores = scores.masked_fill(~allowed, float("-inf"))
     # The op's rule for a row with nothing left: output 0 (softmax would give NaN).
@@ -135,7 +137,7 @@ def attention_modules(model) -> list:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, record)
     try:
-        ids = torch.ones(1, 4, dtype=torch.long)
+        ids = torch.ones(1, 4, dtype=torch.long, device=model.device)
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
