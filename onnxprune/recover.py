@@ -192,6 +192,18 @@ def _learning_rate(config: RecoverConfig, step: int, elapsed: float) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
+def _length_bucketed_batches(examples, batch_size: int, rng, pool: int = 50) -> list[list[int]]:
+    """One pass over the data in random batches of similar lengths: shuffle, sort each pool of
+    ``pool`` batches by length, cut into batches, shuffle the batches. Random batches of docstrings
+    would mostly pad to the longest one (several times the tokens)."""
+    order = rng.permutation(len(examples))
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[start : start + batch_size * pool].tolist(), key=lambda i: len(examples[i]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _save_checkpoint(path: str, state: dict) -> None:
     import torch
 
@@ -233,7 +245,7 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         cpu = state["cpu_s"]
         log(f"resumed from {config.checkpoint} at step {step} ({elapsed:.0f} s trained)")
     else:
-        order = []  # example indices still to visit in this pass over the data
+        order = []  # the batches (lists of example indices) still to run in this pass over the data
     resumed_from = step
 
     def checkpoint() -> None:
@@ -253,9 +265,9 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
             stopped_by = "time budget"
             break
         started, started_cpu = time.perf_counter(), time.process_time()
-        if len(order) < config.batch_size:
-            order.extend(rng.permutation(len(examples)).tolist())
-        chosen, order = order[: config.batch_size], order[config.batch_size :]
+        if not order:
+            order = _length_bucketed_batches(examples, config.batch_size, rng)
+        chosen, order = order[0], order[1:]
         feeds = pad_batch([examples[i] for i in chosen], names)
         mask = torch.as_tensor(feeds["attention_mask"], device=student.device)
         with torch.no_grad(), recording(teacher_modules) as teacher_attn:
