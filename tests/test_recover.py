@@ -188,3 +188,13 @@ def test_cli_recover_with_npz_data(pruned_tiny, tmp_path, ops_library):
     assert code == 0 and output.is_file() and (tmp_path / "out.onnx.ckpt").is_file()
     assert main(["recover", model_dir, str(tmp_path / "data.npz"), "--data", str(tmp_path / "data.npz"),
                  "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("arch,expected", [("bert", ["input_ids", "attention_mask", "token_type_ids"]),
+                                           ("gpt2", ["input_ids", "attention_mask"])])
+def test_export_passes_token_types_only_to_models_with_a_table(pruned_tiny, arch, expected):
+    # GPT-2 embeds token_type_ids with its word embeddings: a zero input would shift every position.
+    from onnxprune.model_io import input_names
+
+    _, pruned, _ = pruned_tiny(arch, 0.5)
+    assert input_names(pruned) == expected
