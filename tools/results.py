@@ -190,7 +190,8 @@ def _dataset(examples, names):
 #: objectives at p = 0.9 with the same steps, to compare. Steps, not minutes: the machine was
 #: shared while these ran, so wall time says more about the other jobs than about recover; both
 #: wall and CPU time are recorded.
-RECOVER_RUNS = ((0.9, "hidden", 100), (0.5, "hidden", 30), (0.9, "embedding", 100), (0.9, "hidden+attention", 100))
+RECOVER_RUNS = ((0.9, "hidden", 100), (0.5, "hidden", 30), (0.9, "embedding", 100), (0.9, "hidden+attention", 100),
+                (0.9, "hidden", 100, 2e-5), (0.5, "embedding", 100), (0.9, "embedding", 300), (0.9, "embedding", 800))
 QUICK_RECOVER_RUNS = ((0.9, "hidden", 5), (0.5, "hidden", 5))
 
 
@@ -576,6 +577,10 @@ def run_report(out: Path, quick: bool) -> None:
                          f"{r['before']['cosine_mean']:.4f} → "
                          f"{r['after']['cosine_mean']:.4f} | {r['after']['cosine_min']:.4f} | {r['before']['top1_agreement']:.3f} → "
                          f"{r['after']['top1_agreement']:.3f} | {met} | {_f(REFERENCE_RECOVERED.get(r['p']), 3)} |")
+        lines += ["", "At equal steps (100 at p = 0.9) the embedding-only objective did best on this metric, per-layer "
+                  "hidden states next, adding attention outputs last; the differences are small. `recover` defaults to "
+                  "`hidden` because it also serves models whose every token's output matters (the GPT-2 below); "
+                  "`--objective embedding` suits sentence-embedding models."]
         longest_run = max((r for r in recovered["runs"] if r["objective"] == "embedding"), key=lambda r: r["steps"], default=None)
         if longest_run is not None:
             passes = longest_run["steps"] * 16 / sweep["calibration_inputs"] if sweep else float("nan")
@@ -646,8 +651,12 @@ def run_report(out: Path, quick: bool) -> None:
               "where present, `tools/bench_e2e.py` and `docs/PERFORMANCE.md`. Quality depends on the layouts only, "
               "speed on the kept fraction only, so the two tables combine through the effective-sparsity column.", "",
               "## Reproduce", "",
-              "`make results` (all sections, the reduced grid), or `python tools/results.py sweep|recover|decoder|report "
-              "[--full] [--threads N]`; each section resumes from the JSON it already wrote under `out/results/`.", ""]
+              "`make results` (all sections, the reduced grid, every recover run above), or `python tools/results.py "
+              "sweep|recover|decoder|report [--full] [--threads N]`; each section resumes from the JSON it already wrote "
+              "under `out/results/`. This file's run: `sweep`, then `recover`, `decoder` with `--threads 1` (one thread "
+              "per process while other jobs shared the cores), the extra recover rows with `--recover-runs` ("
+              + ", ".join(f"`{r['p']}:{r['objective']}:{r['steps']}:{r['lr']:g}`" for f in sorted(out.glob("recover.*.json"))
+                          for r in json.loads(f.read_text())["runs"]) + "), then `report`.", ""]
     with atomic_path(docs / "RESULTS.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     log(f"wrote {docs / 'RESULTS.md'}")
