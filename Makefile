@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 HEADERS := build/ort-headers/onnxruntime_c_api.h
 SOURCES := $(shell find onnxprune custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name '*.map' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 
-.PHONY: all install demo test bench clean
+.PHONY: all install demo test bench results clean
 
 all: install
 
@@ -50,6 +50,12 @@ bench: install
 	$(BIN)/python tools/bench_attention.py --seq 2048 4096 --blocks 128 --kept 0.1 --flex --no-dense
 	$(BIN)/python tools/bench_attention.py --memory --seq 8192
 	$(BIN)/python tools/bench_e2e.py --seq 2048 4096
+
+# Quality on real models and text (docs/RESULTS.md): MiniLM sweep, recover, a small GPT-2.
+# Long (about an hour on 2 cores); RESULTS_FLAGS=--full for the whole p × scope × block grid.
+results: install
+	$(BIN)/python tools/results.py all $(RESULTS_FLAGS)
+
 
 clean:
 	rm -rf $(VENV) build out

@@ -38,6 +38,9 @@ EXAMPLES = {
     "demo": """\
   onnxprune demo
   onnxprune demo --sparsity 0.5 0.8 0.9 --block-size 32 --out out/demo32""",
+    "recover": """\
+  onnxprune recover path/to/bert-dir pruned.onnx --data lines.txt --time-budget 30 -o recovered.onnx
+  (stop any time: rerunning the same command resumes from recovered.onnx.ckpt)""",
 }
 
 EXIT_CODES = """\
@@ -210,7 +213,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, choices=(16, 32, 64, 128), default=16)
     p.add_argument("--calibration-examples", type=_positive, default=256)
     p.add_argument("--evaluation-examples", type=_positive, default=200)
+    _add_recover_parser(verb)
     return parser
+
+
+def _add_recover_parser(verb) -> None:
+    p = verb("recover", "Fine-tune the PyTorch model under a pruned model's layouts to reproduce the dense model "
+                        "(self-distillation on unlabelled text), then export and prune it again with the same layouts.")
+    p.add_argument("model", help="the transformers model directory that was exported and pruned")
+    p.add_argument("pruned", help="the pruned .onnx whose layouts to apply")
+    p.add_argument("--data", required=True, help="unlabelled text file (one example per line) or .npz of model inputs")
+    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model directory)")
+    p.add_argument("--max-length", type=_positive, default=256, help="tokens per input (default 256)")
+    p.add_argument("--limit", type=_positive, help="use at most this many inputs")
+    p.add_argument("--steps", type=_positive, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="inputs per step (default 16)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    p.add_argument("--objective", choices=("embedding", "hidden", "hidden+attention"), default="hidden",
+                   help="what the student matches: pooled embeddings, + every layer's hidden states (default), "
+                        "+ attention outputs")
+    p.add_argument("--time-budget", type=float, metavar="MIN", help="stop training after this many minutes")
+    p.add_argument("--checkpoint", help="resumable checkpoint (default OUTPUT.ckpt; resumed when it exists)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="output recovered pruned .onnx")
+    p.add_argument("--report", help="also write the recover report as JSON here")
+
+
+def _recover(args, log, show) -> None:
+    import numpy as np
+
+    from onnxprune.data import load_dataset
+    from onnxprune.model_io import atomic_path, input_names
+    from onnxprune.recover import RecoverConfig, recover
+
+    dataset = load_dataset(args.data, input_names(args.pruned), args.tokenizer or args.model, args.max_length,
+                           limit=args.limit)
+    examples = [e if isinstance(e, np.ndarray) else e["input_ids"][e["attention_mask"] != 0] for e in dataset.examples]
+    config = RecoverConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, objective=args.objective,
+        time_budget_s=None if args.time_budget is None else args.time_budget * 60, seed=args.seed,
+        checkpoint=args.checkpoint or f"{args.output}.ckpt",
+    )
+    report = recover(args.model, args.pruned, examples, args.output, config, threads=args.threads, log=log,
+                     show_progress=show)
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(json.dumps(report.to_json(), indent=2))
+    first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
+    print(f"wrote {args.output}: {report.steps} steps ({report.stopped_by}), {report.elapsed_s:.0f} s, "
+          f"loss {first:.4f} → {last:.4f}; recovered ONNX vs PyTorch max |diff| {report.parity_after:.1e}")
 
 
 def _dataset(args, model_path):
@@ -343,6 +394,9 @@ def run(args) -> int:
         return _verify(args, log)
     elif args.verb == "bench":
         return _bench(args, log)
+    elif args.verb == "recover":
+        _recover(args, log, show)
+
     elif args.verb == "demo":
         from onnxprune.demo import run_demo
 

@@ -79,6 +79,10 @@ def _from_directory(model_dir: Path, seq_len: int, attn: str):
     model.eval()
     params = inspect.signature(model.forward).parameters
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+    if not getattr(model.config, "type_vocab_size", 0):
+        # GPT-2 takes token_type_ids but embeds them with the word embeddings: zeros there would
+        # add token 0's embedding to every position. Only models with a token-type table get it.
+        input_names = [n for n in input_names if n != "token_type_ids"]
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab - 1), vocab, (2, seq_len), generator=generator)

@@ -70,6 +70,24 @@ def learn_layouts(
         raise OnnxpruneError(
             f"--block-size {block_size} is not a multiple of the statistics' granularity {stats.granularity}"
         )
+    return _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites)
+
+
+def learn_element_masks(
+    stats: Stats, sparsity: float, scope: str = "layer", keep_diagonal: bool = True, causal_sites: set[str] | None = None,
+) -> LayoutResult:
+    """The paper's element-level masks (block size 1) from statistics of granularity 1.
+
+    No kernel runs these; they show, with a dense masked reference, what blocking costs.
+    """
+    if stats.granularity != 1:
+        raise OnnxpruneError(f"element-level masks need statistics of granularity 1, got {stats.granularity}")
+    if not 0.0 <= sparsity < 1.0:
+        raise OnnxpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
+    return _learn(stats, sparsity, 1, scope, keep_diagonal, causal_sites)
+
+
+def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> LayoutResult:
     if scope not in SCOPES:
         raise OnnxpruneError(f"--scope must be one of {SCOPES}, got {scope!r}")
     ratio = block_size // stats.granularity

@@ -1,0 +1,175 @@
+"""The op's semantics inside a transformers model in PyTorch: block layouts as attention masks.
+
+``onnxprune.BlockSparseAttention`` computes ``softmax(scale·QKᵀ + attn_mask)`` over the positions
+its layout keeps (a kept block ``(i, j)`` covers queries ``i·b … i·b+b-1`` and keys ``j·b …``);
+a row with no kept, unmasked key gives 0. Here the same thing runs as a transformers attention
+function, so a PyTorch model can be evaluated, and fine-tuned, with exactly the mask the pruned
+ONNX model will apply. Layouts come from a pruned ``.onnx`` (its layout initializers, in graph
+order) or straight from :func:`onnxprune.layouts.learn_layouts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import numpy as np
+
+from onnxprune import op_schema
+from onnxprune.errors import OnnxpruneError
+
+#: The name the attention function is registered under in transformers.
+ATTN_IMPLEMENTATION = "onnxprune_block_sparse"
+
+
+@dataclasses.dataclass
+class PrunedLayouts:
+    """The layouts of a pruned model, one per attention site in execution order."""
+
+    block_size: int
+    sites: list[str]
+    layouts: list[np.ndarray]  # uint8 [H or 1, Mq, Mk]
+    metadata: dict[str, str]
+
+
+def read_layouts(path: str | os.PathLike) -> PrunedLayouts:
+    """The layouts a pruned ``.onnx`` carries, in the order its attention nodes run."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as e:  # noqa: BLE001
+        raise OnnxpruneError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    initializers = {t.name: t for t in model.graph.initializer}
+    sites, layouts, block_sizes = [], [], set()
+    for node in model.graph.node:  # ONNX requires nodes in topological order: execution order
+        if node.domain != op_schema.DOMAIN or node.op_type != op_schema.OP_TYPE:
+            continue
+        layout_name = node.input[3] if len(node.input) > 3 else ""
+        if layout_name not in initializers or not layout_name.startswith(op_schema.LAYOUT_PREFIX):
+            raise OnnxpruneError(f"{path}: node {node.name!r} has no constant layout initializer")
+        sites.append(layout_name[len(op_schema.LAYOUT_PREFIX):])
+        layouts.append(numpy_helper.to_array(initializers[layout_name]).astype(np.uint8))
+        block_sizes.update(a.i for a in node.attribute if a.name == "block_size")
+    if not sites:
+        raise OnnxpruneError(f"{path}: no {op_schema.DOMAIN}.{op_schema.OP_TYPE} node (is it a pruned model?)")
+    if len(block_sizes) != 1:
+        raise OnnxpruneError(f"{path}: the attention nodes disagree on block_size ({sorted(block_sizes)})")
+    metadata = {p.key: p.value for p in model.metadata_props}
+    return PrunedLayouts(block_sizes.pop(), sites, layouts, metadata)
+
+
+def _expanded_allowed(layout, block_size: int, sq: int, sk: int):
+    """Bool ``[H or 1, Sq, Sk]``: the positions the layout keeps."""
+    import torch
+
+    mq, mk = -(-sq // block_size), -(-sk // block_size)
+    if layout.shape[-2] < mq or layout.shape[-1] < mk:
+        raise OnnxpruneError(
+            f"sequence of {max(sq, sk)} tokens is longer than the layout covers "
+            f"({layout.shape[-1] * block_size} = {layout.shape[-1]} blocks of {block_size})"
+        )
+    blocks = layout[:, :mq, :mk]
+    if block_size > 1:
+        blocks = blocks.repeat_interleave(block_size, dim=1).repeat_interleave(block_size, dim=2)
+    return blocks[:, :sq, :sk].to(torch.bool)
+
+
+def block_sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function with the op's semantics.
+
+    Uses ``module.onnxprune_layout`` (a uint8 tensor ``[H or 1, Mq, Mk]``, or None for dense) and
+    ``module.onnxprune_block_size``; records its output when a recorder is active.
+    """
+    import torch
+
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: query head h reads KV head h // groups
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    layout = getattr(module, "onnxprune_layout", None)
+    if layout is not None:
+        if layout.device != scores.device:
+            layout = module.onnxprune_layout = layout.to(scores.device)
+        allowed = _expanded_allowed(layout, module.onnxprune_block_size, scores.shape[-2], scores.shape[-1])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # The op's rule for a row with nothing left: output 0 (softmax would give NaN).
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    output = torch.matmul(probs, value)
+    recorder = getattr(module, "onnxprune_recorder", None)
+    if recorder is not None:
+        recorder.append(output)
+    return output.transpose(1, 2).contiguous(), probs
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, block_sparse_attention_forward)
+    # The same additive float mask as eager attention: the pruned ONNX model's attn_mask.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+def attention_modules(model) -> list:
+    """The modules that call the attention function, in the order they run (one dry forward)."""
+    import torch
+
+    _register()
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    seen: list = []
+
+    def record(module, *args, **kwargs):
+        seen.append(module)
+        return block_sparse_attention_forward(module, *args, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, record)
+    try:
+        ids = torch.ones(1, 4, dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, block_sparse_attention_forward)
+    return seen
+
+
+def apply_layouts(model, layouts: list[np.ndarray] | None, block_size: int = 16) -> list:
+    """Make ``model`` attend like the pruned ONNX model (``layouts`` None: dense, same code path).
+
+    Layouts are given in execution order, one per attention site. Returns the attention modules.
+    """
+    import torch
+
+    modules = attention_modules(model)
+    if layouts is not None and len(layouts) != len(modules):
+        raise OnnxpruneError(f"{len(layouts)} layouts for a model with {len(modules)} attention layers")
+    for index, module in enumerate(modules):
+        layout = None if layouts is None else torch.as_tensor(np.asarray(layouts[index]), dtype=torch.uint8)
+        module.onnxprune_layout = layout
+        module.onnxprune_block_size = block_size
+    return modules
+
+
+@contextlib.contextmanager
+def recording(modules):
+    """Collect each attention module's output (``[B, H, S, D]``) during the forwards inside."""
+    outputs: list = []
+    for module in modules:
+        module.onnxprune_recorder = outputs
+    try:
+        yield outputs
+    finally:
+        for module in modules:
+            module.onnxprune_recorder = None

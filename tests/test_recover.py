@@ -1,0 +1,200 @@
+"""recover: the masked PyTorch model equals the pruned ONNX model; distillation lowers the loss,
+resumes exactly from a checkpoint, and exports a pruned model that runs with the library and
+matches the fine-tuned PyTorch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_token_examples
+from onnxprune.errors import OnnxpruneError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+VOCAB, MAX_POSITIONS = 100, 64
+
+
+def _save_tiny(arch: str, folder) -> str:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(1)
+    if arch == "bert":
+        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS))
+    else:
+        model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=MAX_POSITIONS))
+    path = folder / arch
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny(tmp_path_factory):
+    """``pruned_tiny(arch, p)``: (model dir, pruned .onnx, examples), built once per (arch, p)."""
+    from onnxprune.calibrate import calibrate
+    from onnxprune.data import Dataset
+    from onnxprune.export import export
+    from onnxprune.model_io import input_names, save_model
+    from onnxprune.prune import prune
+
+    folder = tmp_path_factory.mktemp("recover")
+    examples = random_token_examples(48, seed=3, low=20, high=MAX_POSITIONS)
+    cache: dict = {}
+
+    def get(arch: str, p: float):
+        if arch not in cache:
+            model_dir = _save_tiny(arch, folder)
+            dense = folder / f"{arch}.onnx"
+            export(model_dir, dense, seq_len=32, log=lambda *a: None)
+            stats = calibrate(dense, Dataset(examples, input_names(dense)), max_length=MAX_POSITIONS,
+                              show_progress=False)
+            cache[arch] = (model_dir, dense, stats)
+        model_dir, dense, stats = cache[arch]
+        pruned = folder / f"{arch}.p{int(p * 100)}.onnx"
+        if not pruned.exists():
+            save_model(prune(dense, stats, p, block_size=16)[0], pruned)
+        return model_dir, str(pruned), examples
+
+    return get
+
+
+@pytest.mark.parametrize("arch,p", [("bert", 0.0), ("bert", 0.9), ("gpt2", 0.5), ("gpt2", 0.9)])
+def test_masked_torch_equals_pruned_onnx(pruned_tiny, arch, p):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import load_model, masked_pair, parity
+
+    model_dir, pruned, examples = pruned_tiny(arch, p)
+    layouts = read_layouts(pruned)
+    student, _, teacher, _ = masked_pair(load_model(model_dir), layouts)
+    names = input_names(pruned)
+    assert parity(student, pruned, examples[:12], names) < 1e-4
+    if p >= 0.5:  # the layouts really change the output: the dense teacher does not match
+        assert parity(teacher, pruned, examples[:12], names) > 1e-3
+
+
+def _config(**overrides):
+    from onnxprune.recover import RecoverConfig
+
+    settings = dict(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=2, log_every=100)
+    settings.update(overrides)
+    return RecoverConfig(**settings)
+
+
+@pytest.mark.parametrize("objective", ["embedding", "hidden", "hidden+attention"])
+def test_distillation_lowers_the_loss(pruned_tiny, objective):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.9)
+    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), read_layouts(pruned))
+    run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned), _config(objective=objective, steps=30),
+                  log=lambda *a: None, show_progress=False)
+    assert run["steps"] == 30 and run["stopped_by"] == "steps"
+    assert np.mean(run["losses"][-5:]) < 0.7 * np.mean(run["losses"][:5])
+
+
+def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    layouts, names = read_layouts(pruned), input_names(pruned)
+    quiet = dict(log=lambda *a: None, show_progress=False)
+
+    straight = masked_pair(load_model(model_dir), layouts)
+    distill(*straight, examples, names, _config(steps=8), **quiet)
+
+    def interrupt_at_step_4(message):
+        if message.startswith("step 4/"):
+            raise KeyboardInterrupt
+
+    checkpoint = str(tmp_path / "run.ckpt")
+    first = masked_pair(load_model(model_dir), layouts)
+    with pytest.raises(KeyboardInterrupt):
+        distill(*first, examples, names, _config(steps=8, checkpoint=checkpoint, checkpoint_every=1, log_every=1),
+                log=interrupt_at_step_4, show_progress=False)
+    second = masked_pair(load_model(model_dir), layouts)  # a fresh process would start from the file
+    run = distill(*second, examples, names, _config(steps=8, checkpoint=checkpoint), **quiet)
+    assert run["resumed_from_step"] == 4 and run["steps"] == 8
+    for a, b in zip(straight[0].parameters(), second[0].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    layouts, names = read_layouts(pruned), input_names(pruned)
+    checkpoint = str(tmp_path / "run.ckpt")
+    distill(*masked_pair(load_model(model_dir), layouts), examples, names, _config(steps=2, checkpoint=checkpoint),
+            fingerprint="a", log=lambda *a: None, show_progress=False)
+    with pytest.raises(OnnxpruneError, match="checkpoint of another run"):
+        distill(*masked_pair(load_model(model_dir), layouts), examples, names,
+                _config(steps=4, checkpoint=checkpoint), fingerprint="b", log=lambda *a: None, show_progress=False)
+
+
+def test_time_budget_stops_training(pruned_tiny):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    run = distill(*masked_pair(load_model(model_dir), read_layouts(pruned)), examples, input_names(pruned),
+                  _config(steps=10_000, time_budget_s=0.5), log=lambda *a: None, show_progress=False)
+    assert run["stopped_by"] == "time budget" and 0 < run["steps"] < 10_000
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, ops_library, arch):
+    import onnx
+
+    from onnxprune.masked_attention import apply_layouts, read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import load_model, parity, recover
+
+    model_dir, pruned, examples = pruned_tiny(arch, 0.5)
+    output = tmp_path / "recovered.onnx"
+    report = recover(model_dir, pruned, examples, output, _config(steps=6), log=lambda *a: None, show_progress=False)
+    before, after = read_layouts(pruned), read_layouts(output)
+    assert after.block_size == before.block_size
+    for a, b in zip(before.layouts, after.layouts):
+        np.testing.assert_array_equal(a, b)
+    metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert metadata["onnxprune.sparsity"] == "0.5" and '"steps": 6' in metadata["onnxprune.recovered"]
+    assert report.parity_before < 1e-4 and report.parity_after < 1e-4
+    # The weights changed: the recovered file no longer equals the original masked model.
+    original = load_model(model_dir)
+    apply_layouts(original, before.layouts, before.block_size)
+    assert parity(original, output, examples[:8], input_names(output)) > 1e-4
+
+
+def test_cli_recover_with_npz_data(pruned_tiny, tmp_path, ops_library):
+    from onnxprune.cli import main
+    from onnxprune.data import pad_batch
+    from onnxprune.model_io import input_names
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    np.savez(tmp_path / "data.npz", **pad_batch(examples[:16], input_names(pruned)))
+    output = tmp_path / "out.onnx"
+    code = main(["recover", model_dir, pruned, "--data", str(tmp_path / "data.npz"), "--steps", "3",
+                 "--batch-size", "4", "-o", str(output), "--report", str(tmp_path / "r.json"), "--quiet"])
+    assert code == 0 and output.is_file() and (tmp_path / "out.onnx.ckpt").is_file()
+    assert main(["recover", model_dir, str(tmp_path / "data.npz"), "--data", str(tmp_path / "data.npz"),
+                 "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("arch,expected", [("bert", ["input_ids", "attention_mask", "token_type_ids"]),
+                                           ("gpt2", ["input_ids", "attention_mask"])])
+def test_export_passes_token_types_only_to_models_with_a_table(pruned_tiny, arch, expected):
+    # GPT-2 embeds token_type_ids with its word embeddings: a zero input would shift every position.
+    from onnxprune.model_io import input_names
+
+    _, pruned, _ = pruned_tiny(arch, 0.5)
+    assert input_names(pruned) == expected
