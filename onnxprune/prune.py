@@ -18,6 +18,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.layouts import LayoutResult, effective_sparsity, learn_layouts
 from onnxprune.model_io import file_sha256, load_ir
 from onnxprune.op_function import build_function
+from onnxprune.passes.key_padding_mask import use_key_padding_mask
 from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
 from onnxprune.rules import SiteLayouts, decompose_fused_attention, find_sites, rewrite_rule_set
 from onnxprune.stats import Stats
@@ -97,6 +98,7 @@ def prune(
     rewritten = rewrite_rule_set(spec).apply_to_model(model)
     if rewritten != len(names):
         raise OnnxpruneError(f"rewrote {rewritten} of {len(names)} attention sites; the graph changed under the rules")
+    use_key_padding_mask(model, model_path)
     mask_use = unify_mask_inputs(model.graph)
     attach_function(model, mask_use)
     ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)

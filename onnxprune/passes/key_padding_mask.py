@@ -1,0 +1,126 @@
+"""Pass the model's ``attention_mask`` input as ``key_padding_mask`` where that is all the
+attention mask of every site encodes.
+
+Exporters turn ``attention_mask [B, S]`` into an additive ``[B, 1, S, S]`` float mask (0 for
+kept keys, a huge negative number for padding, a causal triangle added in decoders). Kept as
+``attn_mask``, that costs the graph an ``S × S`` tensor per run and the kernel a mask read per
+element of every kept block; as ``key_padding_mask`` (plus ``is_causal``) the kernel reads B·S
+values. Whether a site's mask is only that is decided from its values, not its structure: the
+mask's subgraph is evaluated on probe inputs (several lengths, random padding), because how the
+mask is built differs between exporters and transformers versions while what it must equal does
+not. A mask passes only if, on every probe, kept keys get exactly 0 (or True) and padded keys
+(and, for the causal form, keys after the query) get -inf or at most -1e30 (or False): then
+``softmax`` gives exactly the same probabilities, except for a row with every key padded, which
+the op makes 0 where a finite fill makes it uniform. All sites are converted or none (the op's
+function body is specialised to one set of inputs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx.utils
+import onnx_ir as ir
+
+from onnxprune.passes.unify_mask_inputs import attention_nodes
+
+#: The graph input that carries the padding, by the transformers convention.
+PADDING_INPUT = "attention_mask"
+#: An additive fill at or below this gives probability exactly 0 in float32 (exp underflows).
+HUGE_NEGATIVE = -1e30
+
+_PROBE_LENGTHS = (5, 11)
+_PROBE_BATCH = 3
+
+
+def use_key_padding_mask(model: ir.Model, dense_path: str | os.PathLike) -> int:
+    """Rewires every ``BlockSparseAttention`` node of ``model`` (rewritten from ``dense_path``)
+    to ``key_padding_mask`` when each site's mask is the padding (or padding + causal) mask of
+    the graph input ``attention_mask``. Returns the number of nodes changed (0 or all)."""
+    nodes = attention_nodes(model.graph)
+    padding = next((v for v in model.graph.inputs if v.name == PADDING_INPUT), None)
+    if not nodes or padding is None or padding.shape is None or len(padding.shape) != 2:
+        return 0
+    masks = [n.inputs[4] if len(n.inputs) > 4 else None for n in nodes]
+    if any(m is None or m.producer() is None for m in masks):
+        return 0  # no mask, or one that is a graph input or a constant: nothing to gain or know
+    names = sorted({m.name for m in masks})
+    kinds = _mask_kinds(dense_path, names)
+    if kinds is None or any(kinds[m.name] is None for m in masks):
+        return 0
+    for node, mask in zip(nodes, masks):
+        node.resize_inputs(6)
+        node.replace_input_with(4, None)
+        node.replace_input_with(5, padding)
+        if kinds[mask.name] == "padding+causal":
+            node.attributes["is_causal"] = ir.AttrInt64("is_causal", 1)
+    return len(nodes)
+
+
+def _mask_kinds(dense_path, names: list[str]) -> dict[str, str | None] | None:
+    """For each mask value: "padding", "padding+causal" or None, from probe runs of the dense
+    model's mask subgraph; None when the subgraph cannot be run on probe inputs at all."""
+    import onnxruntime as ort
+
+    proto = onnx.load(str(dense_path), load_external_data=False)
+    inputs = [i.name for i in proto.graph.input]
+    try:
+        sub = onnx.utils.Extractor(proto).extract_model(inputs, names)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - e.g. external data the subgraph needs: keep the masks as they are
+        return None
+    kinds: dict[str, set[str]] = {name: {"padding", "padding+causal"} for name in names}
+    rng = np.random.default_rng(0)
+    for length in _PROBE_LENGTHS:
+        keep = _probe_padding(rng, length)
+        feeds = {}
+        for graph_input in sess.get_inputs():
+            dtype = _numpy_dtype(graph_input.type)
+            if dtype is None or not _is_batch_by_length(graph_input.shape):
+                return None  # an input we cannot probe (images, extra axes)
+            feeds[graph_input.name] = keep.astype(dtype) if graph_input.name == PADDING_INPUT else np.zeros(keep.shape, dtype)
+        if PADDING_INPUT not in feeds:
+            return {name: None for name in names}  # the masks do not depend on the padding
+        try:
+            values = sess.run(names, feeds)
+        except Exception:  # noqa: BLE001 - the subgraph rejects probe inputs: keep the masks
+            return None
+        for name, value in zip(names, values):
+            kinds[name] = {k for k in kinds[name] if _matches(value, keep, causal=k == "padding+causal")}
+    # "padding" is preferred when both fit (a mask that is the same for every query).
+    return {name: ("padding" if "padding" in k else next(iter(k), None)) for name, k in kinds.items()}
+
+
+def _probe_padding(rng, length: int) -> np.ndarray:
+    keep = np.ones((_PROBE_BATCH, length), bool)
+    keep[1, length // 2 + 1 :] = False  # right padding
+    keep[2] = rng.random(length) < 0.6  # anywhere
+    keep[2, 0] = True
+    return keep
+
+
+def _matches(mask: np.ndarray, keep: np.ndarray, causal: bool) -> bool:
+    batch, length = keep.shape
+    if mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
+        return False
+    if mask.shape[2] not in (1, length) or mask.shape[3] != length:
+        return False
+    allowed = np.broadcast_to(keep[:, None, None, :], (batch, 1, length, length))
+    if causal:
+        allowed = allowed & np.tril(np.ones((length, length), bool))
+    full = np.broadcast_to(mask, (batch, 1, length, length))
+    if mask.dtype == np.bool_:
+        return bool(np.array_equal(full, allowed))
+    return bool(np.all(full[allowed] == 0) and np.all(full[~allowed] <= HUGE_NEGATIVE))
+
+
+def _numpy_dtype(ort_type: str):
+    return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}.get(ort_type)
+
+
+def _is_batch_by_length(shape) -> bool:
+    return len(shape) == 2
