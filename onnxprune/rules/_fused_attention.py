@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
 #: Node metadata key: the form a decomposed site was found in.
 FORM_KEY = "onnxprune.form"
@@ -24,6 +25,23 @@ SITE_KEY = "onnxprune.site"
 MS_DOMAIN = "com.microsoft"
 #: ORT's default ``mask_filter_value``.
 DEFAULT_MASK_FILTER = -10000.0
+
+
+def optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+class DecompositionCheck:
+    """``check`` of a decomposition rule (mixed in before the op's site rule): every site of the
+    op qualifies, with or without a layout, since the eager rule rewrites the decomposed site."""
+
+    def check(self, context, **bindings) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        site = self.site(**bindings)
+        if isinstance(site, str):
+            return result.fail(site)
+        self._site = site
+        return result
 
 
 def int64s(op, values) -> ir.Value:

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import math
 
-from onnxscript.rewriter import pattern
-
 from onnxprune.rules import _fused_attention as fused
 from onnxprune.rules._common import SiteMatch, node_name
 from onnxprune.rules._site_rule import SiteRule
 
 MASK_INDEX, PAST, ATTENTION_BIAS = 3, 4, 5
-
-
-def _input(node, index):
-    return node.inputs[index] if len(node.inputs) > index else None
 
 
 class MsAttention(SiteRule):
@@ -41,7 +35,7 @@ class MsAttention(SiteRule):
 
     def site(self, hidden, weights, bias, attention_out, **_):
         node = attention_out.producer()
-        if any(_input(node, i) is not None for i in range(PAST, len(node.inputs)) if i != ATTENTION_BIAS):
+        if any(fused.optional_input(node, i) is not None for i in range(PAST, len(node.inputs)) if i != ATTENTION_BIAS):
             return "Attention has a KV cache (past) input"
         if len(node.outputs) > 1:
             return "Attention has a present output (KV cache)"
@@ -57,7 +51,7 @@ class MsAttention(SiteRule):
         sizes = list(sizes)
         if not heads or any(s % heads for s in sizes) or sizes[0] != sizes[1]:
             return f"qkv_hidden_sizes {sizes} do not split into {heads} heads"
-        mask = _input(node, MASK_INDEX)
+        mask = fused.optional_input(node, MASK_INDEX)
         if mask is not None:
             reason = fused.mask_reason(mask, hidden, "mask", "1-D end positions, 2-D [B, S]")
             if reason:
@@ -80,16 +74,8 @@ class MsAttention(SiteRule):
         )
 
 
-class DecomposeMsAttention(MsAttention):
+class DecomposeMsAttention(fused.DecompositionCheck, MsAttention):
     """The rewrite: the op as MatMul/Split/Reshape/Transpose + the eager attention."""
-
-    def check(self, context, **bindings) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        site = self.site(**bindings)
-        if isinstance(site, str):
-            return result.fail(site)
-        self._site = site
-        return result
 
     def rewrite(self, op, hidden, weights, bias, attention_out, **_):
         site = self._site
@@ -105,7 +91,7 @@ class DecomposeMsAttention(MsAttention):
         if site.mask is not None:
             rank = fused.mask_rank(site.mask, hidden)
             biases.append(fused.key_padding_bias(op, site.mask, rank, hidden, filter_value))
-        attention_bias = _input(node, ATTENTION_BIAS)
+        attention_bias = fused.optional_input(node, ATTENTION_BIAS)
         if attention_bias is not None:
             biases.append(attention_bias)
         if site.is_causal:

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import math
 
-from onnxscript.rewriter import pattern
-
 from onnxprune.rules import _fused_attention as fused
 from onnxprune.rules._common import SiteMatch, node_name
 from onnxprune.rules._site_rule import SiteRule
 
 BIAS, KEY_PADDING_MASK, ATTENTION_BIAS, PAST_KEY = 3, 4, 5, 6
-
-
-def _input(node, index):
-    return node.inputs[index] if len(node.inputs) > index else None
 
 
 def _rank(value) -> int | None:
@@ -45,7 +39,7 @@ class MsMultiHeadAttention(SiteRule):
 
     def site(self, query, key, value, attention_out, **_):
         node = attention_out.producer()
-        if any(_input(node, i) is not None for i in range(PAST_KEY, len(node.inputs))):
+        if any(fused.optional_input(node, i) is not None for i in range(PAST_KEY, len(node.inputs))):
             return "MultiHeadAttention has a KV cache (past) input"
         if len(node.outputs) > 1:
             return "MultiHeadAttention has present outputs (KV cache)"
@@ -57,7 +51,7 @@ class MsMultiHeadAttention(SiteRule):
         hidden = query.shape[2]
         if not heads or not isinstance(hidden, int) or hidden % heads:
             return f"hidden size {hidden} does not split into {heads} heads"
-        mask = _input(node, KEY_PADDING_MASK)
+        mask = fused.optional_input(node, KEY_PADDING_MASK)
         if mask is not None:
             reason = fused.mask_reason(mask, query, "key_padding_mask", "1-D end positions, 2-D [B, Sk]")
             if reason:
@@ -79,16 +73,8 @@ class MsMultiHeadAttention(SiteRule):
         )
 
 
-class DecomposeMsMultiHeadAttention(MsMultiHeadAttention):
+class DecomposeMsMultiHeadAttention(fused.DecompositionCheck, MsMultiHeadAttention):
     """The rewrite: the op as Reshape/Transpose + the eager attention."""
-
-    def check(self, context, **bindings) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        site = self.site(**bindings)
-        if isinstance(site, str):
-            return result.fail(site)
-        self._site = site
-        return result
 
     def rewrite(self, op, query, key, value, attention_out, **_):
         site = self._site
@@ -96,7 +82,7 @@ class DecomposeMsMultiHeadAttention(MsMultiHeadAttention):
         filter_value = fused.attribute(node, "mask_filter_value", fused.DEFAULT_MASK_FILTER)
         projected = _rank(key) == 3  # [B, Sk, hidden]; else already [B, H, Sk, D]
         mask_rank = None if site.mask is None else fused.mask_rank(site.mask, query)  # before query changes
-        bias = _input(node, BIAS)
+        bias = fused.optional_input(node, BIAS)
         if bias is not None:
             hidden = site.heads * site.head_dim
             q_bias, k_bias, v_bias = op.Split(bias, fused.int64s(op, [hidden] * 3),
@@ -117,7 +103,7 @@ class DecomposeMsMultiHeadAttention(MsMultiHeadAttention):
         if site.mask is not None:
             key_states = key if projected else op.Transpose(key, perm=[0, 2, 1, 3])
             biases.append(fused.key_padding_bias(op, site.mask, mask_rank, key_states, filter_value))
-        attention_bias = _input(node, ATTENTION_BIAS)
+        attention_bias = fused.optional_input(node, ATTENTION_BIAS)
         if attention_bias is not None:
             biases.append(attention_bias)
         if site.is_causal:
