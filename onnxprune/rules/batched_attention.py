@@ -19,7 +19,13 @@ from onnxscript.rewriter import pattern
 
 from onnxprune.rules._common import SiteMatch, emit_block_sparse_attention, node_name, scalar_constant, scale_factor
 from onnxprune.rules._site_rule import SiteRule
-from onnxprune.rules.eager_attention import casts_are_float, float_casts, softmax_axis_is_last
+from onnxprune.rules.eager_attention import (
+    casts_are_float,
+    float_casts,
+    masked_softmax,
+    optionally_scaled,
+    softmax_axis_is_last,
+)
 
 
 def _rank_is(value: ir.Value, rank: int) -> bool:
@@ -31,28 +37,10 @@ class BatchedAttention(SiteRule):
 
     def pattern(self, op, q3, k3_transposed, qk_scale, bias3, shape4, mask, second_mask, fill_condition, fill_value,
                 shape3, v3):
-        scores = op.MatMul(q3, k3_transposed)
-        scores = pattern.OrValue(
-            [op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
-            tag_var="qk_scaling",
-            tag_values=["Mul", "Div", "None"],
-        )
+        scores = optionally_scaled(op, op.MatMul(q3, k3_transposed), qk_scale)
         scores = pattern.OrValue([op.Add(scores, bias3), scores], tag_var="has_bias3", tag_values=[True, False])
         scores = op.Reshape(scores, shape4, _allow_other_attributes=True)
-        scores = pattern.OrValue(
-            [op.Add(op.Add(scores, mask), second_mask), op.Add(scores, mask), scores],
-            tag_var="additive_terms",
-            tag_values=[2, 1, 0],
-        )
-        scores = pattern.OrValue(
-            [op.Where(fill_condition, fill_value, scores), scores], tag_var="filled", tag_values=[True, False]
-        )
-        scores = pattern.OrValue(
-            [op.Cast(scores, _allow_other_attributes=True, _outputs=["cast_scores"]), scores],
-            tag_var="scores_cast",
-            tag_values=[True, False],
-        )
-        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+        probs = masked_softmax(op, scores, mask, second_mask, fill_condition, fill_value)
         probs3 = op.Reshape(float_casts(op, probs), shape3, _allow_other_attributes=True)
         return op.MatMul(probs3, v3)
 

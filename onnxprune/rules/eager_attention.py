@@ -27,6 +27,38 @@ def float_casts(op, probs):
     return pattern.OrValue([twice, once, probs], tag_var="casts", tag_values=[2, 1, 0])
 
 
+def optionally_scaled(op, scores, qk_scale):
+    """``scores`` times or over ``qk_scale``, or unscaled (T5); tag ``qk_scaling``."""
+    return pattern.OrValue(
+        [op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
+        tag_var="qk_scaling",
+        tag_values=["Mul", "Div", "None"],
+    )
+
+
+def masked_softmax(op, scores, mask, second_mask, fill_condition, fill_value):
+    """[Add](mask) → [Add] → [Where](masked_fill) → [Cast] → Softmax, output named ``probs``;
+    tags ``additive_terms``, ``filled`` and ``scores_cast``."""
+    # T5 adds its position bias and the mask one after the other.
+    scores = pattern.OrValue(
+        [op.Add(op.Add(scores, mask), second_mask), op.Add(scores, mask), scores],
+        tag_var="additive_terms",
+        tag_values=[2, 1, 0],
+    )
+    # masked_fill (MPT, older DistilBERT): masked scores replaced by a constant.
+    scores = pattern.OrValue(
+        [op.Where(fill_condition, fill_value, scores), scores], tag_var="filled", tag_values=[True, False]
+    )
+    # TorchScript casts the scores to float32 before the Softmax (a no-op for float32 models).
+    # (Every OrValue gets a tag: commute() cannot clone an untagged one.)
+    scores = pattern.OrValue(
+        [op.Cast(scores, _allow_other_attributes=True, _outputs=["cast_scores"]), scores],
+        tag_var="scores_cast",
+        tag_values=[True, False],
+    )
+    return op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+
+
 def casts_are_float(*casts) -> bool:
     for cast in casts:
         if cast is None:
@@ -49,30 +81,8 @@ class EagerAttention(SiteRule):
     form = "eager"
 
     def pattern(self, op, q, k_transposed, qk_scale, mask, second_mask, fill_condition, fill_value, v):
-        scores = op.MatMul(q, k_transposed)
-        scores = pattern.OrValue(
-            [op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
-            tag_var="qk_scaling",
-            tag_values=["Mul", "Div", "None"],
-        )
-        # T5 adds its position bias and the mask one after the other.
-        scores = pattern.OrValue(
-            [op.Add(op.Add(scores, mask), second_mask), op.Add(scores, mask), scores],
-            tag_var="additive_terms",
-            tag_values=[2, 1, 0],
-        )
-        # masked_fill (MPT, older DistilBERT): masked scores replaced by a constant.
-        scores = pattern.OrValue(
-            [op.Where(fill_condition, fill_value, scores), scores], tag_var="filled", tag_values=[True, False]
-        )
-        # TorchScript casts the scores to float32 before the Softmax (a no-op for float32 models).
-        # (Every OrValue gets a tag: commute() cannot clone an untagged one.)
-        scores = pattern.OrValue(
-            [op.Cast(scores, _allow_other_attributes=True, _outputs=["cast_scores"]), scores],
-            tag_var="scores_cast",
-            tag_values=[True, False],
-        )
-        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+        scores = optionally_scaled(op, op.MatMul(q, k_transposed), qk_scale)
+        probs = masked_softmax(op, scores, mask, second_mask, fill_condition, fill_value)
         return op.MatMul(float_casts(op, probs), v)
 
     def site(self, q, k_transposed, v, probs, qk_scaling, additive_terms, filled, qk_scale=None, mask=None,
