@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from onnxprune.runtime import library_path  # noqa: E402
+from onnxprune.runtime import library_path, session_options  # noqa: E402
 
 HEADS = 12
 
@@ -92,14 +92,10 @@ def gemm_model() -> bytes:
 
 
 def session(model: bytes, threads: int, with_library: bool = False) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads, with_library)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No spinning: contestants alternate, and a spinning pool would steal the next one's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if with_library:
-        options.register_custom_ops_library(library_path())
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

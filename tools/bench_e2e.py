@@ -66,12 +66,11 @@ def export_dense(path: Path, max_positions: int) -> None:
     print(f"  exported {path} ({report.exporter}, opset {report.opset}); max |ONNX - torch| = {report.max_abs_diff:.1e}")
 
 
-def fuse(fused: Path, max_positions: int) -> int:
+def fuse(fused: Path, max_positions: int) -> None:
     """The same weights exported by the TorchScript exporter (opset 17), the form ORT's BERT
     fusions are written for (they find no attention in the dynamo export), then optimized."""
     import warnings
 
-    import onnx
     import torch
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -86,7 +85,12 @@ def fuse(fused: Path, max_positions: int) -> int:
                               dynamic_axes={n: {0: "batch", 1: "sequence"} for n in example})
         opt = optimize_model(str(tmp), model_type="bert", num_heads=12, hidden_size=768, opt_level=1)
         opt.save_model_to_file(str(tmp))
-    model = onnx.load(str(fused), load_external_data=False)
+
+
+def fused_attention_nodes(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
     return sum(1 for n in model.graph.node if n.domain == "com.microsoft" and "Attention" in n.op_type)
 
 
@@ -110,15 +114,12 @@ def prune_model(dense: Path, pruned: Path, seq: int, sparsity: float, block: int
 def make_session(path: Path, threads: int, with_library: bool):
     import onnxruntime as ort
 
-    from onnxprune.runtime import library_path
+    from onnxprune.runtime import session_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = session_options(threads, with_library)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No spinning: the models alternate, and a spinning pool would steal the next one's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if with_library:
-        options.register_custom_ops_library(library_path())
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -148,12 +149,8 @@ def main() -> None:
         export_dense(dense, max_seq)
     if args.fresh or not fused.exists():
         print("[2/4] ORT transformers optimizer", flush=True)
-    n_fused = fuse(fused, max_seq) if (args.fresh or not fused.exists()) else None
-    if n_fused is None:
-        import onnx
-
-        model = onnx.load(str(fused), load_external_data=False)
-        n_fused = sum(1 for n in model.graph.node if n.domain == "com.microsoft" and "Attention" in n.op_type)
+        fuse(fused, max_seq)
+    n_fused = fused_attention_nodes(fused)
     if args.fresh or not pruned.exists() or not check.exists():
         print(f"[3/4] calibrating on one {max_seq}-token sequence and pruning", flush=True)
         print("  p=0:", prune_model(dense, check, max_seq, 0.0, args.block))
