@@ -101,7 +101,13 @@ using BsaTaskFn = void (*)(void* data, size_t index);
 // Returns false if the parallel-for itself failed.
 using BsaParallelFor = bool (*)(void* pf_ctx, size_t total, BsaTaskFn fn, void* data);
 
-// Number of independent tasks the kernel splits the work into.
+// Query rows per CPU task: a block of up to 64 rows, half a block at 128, so that a task's
+// working set stays near L1 and two threads get enough tasks. (constexpr: evaluated at compile
+// time in the per-ISA kernels, so it never becomes a shared weak symbol.)
+constexpr int64_t bsa_query_tile(int64_t block_size) { return block_size < 64 ? block_size : 64; }
+
+// Number of independent tasks the kernel splits the work into: one per (batch, query head,
+// query tile of bsa_query_tile(block_size) rows).
 size_t bsa_num_tasks(const BsaParams& p);
 
 // Runs the kernel. `pf` may be null (serial execution). Returns an empty

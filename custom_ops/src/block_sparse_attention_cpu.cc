@@ -266,10 +266,7 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
 
 size_t bsa_num_tasks(const BsaParams& p) {
   if (p.block_size <= 0) return 0;
-  // One task per (batch, query head, query tile of min(block_size, 64) rows); must match
-  // query_tile() in bsa_cpu_kernel.inc.
-  const int64_t tile = p.block_size < 64 ? p.block_size : 64;
-  return static_cast<size_t>(p.B * p.Hq * ceil_div(p.Sq, tile));
+  return static_cast<size_t>(p.B * p.Hq * ceil_div(p.Sq, bsa_query_tile(p.block_size)));
 }
 
 // Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).
