@@ -52,7 +52,7 @@ bench: install
 	$(BIN)/python tools/bench_e2e.py --seq 2048 4096
 
 # Quality on real models and text (docs/RESULTS.md): MiniLM sweep, recover, a small GPT-2.
-# Long (about an hour on 2 cores); RESULTS_FLAGS=--full for the whole p × scope × block grid.
+# Long (about 80 minutes on 2 idle cores); RESULTS_FLAGS=--reduced for a smaller sweep grid.
 results: install
 	$(BIN)/python tools/results.py all $(RESULTS_FLAGS)
 

@@ -235,6 +235,11 @@ def _add_recover_parser(verb) -> None:
     p.add_argument("--time-budget", type=float, metavar="MIN", help="stop training after this many minutes")
     p.add_argument("--checkpoint", help="resumable checkpoint (default OUTPUT.ckpt; resumed when it exists)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    p.add_argument("--validation-examples", type=int, default=128, metavar="N",
+                   help="inputs held out of training; the state with the lowest loss on them is kept, the "
+                        "untrained one included (default 128, at most a tenth of the data; 0: keep the last)")
+    p.add_argument("--validate-every", type=_positive, default=100, metavar="STEPS",
+                   help="steps between validation passes (default 100)")
     p.add_argument("-o", "--output", required=True, help="output recovered pruned .onnx")
     p.add_argument("--report", help="also write the recover report as JSON here")
 
@@ -252,7 +257,8 @@ def _recover(args, log, show) -> None:
     config = RecoverConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, objective=args.objective,
         time_budget_s=None if args.time_budget is None else args.time_budget * 60, seed=args.seed,
-        checkpoint=args.checkpoint or f"{args.output}.ckpt",
+        checkpoint=args.checkpoint or f"{args.output}.ckpt", validation_examples=args.validation_examples,
+        validate_every=args.validate_every,
     )
     report = recover(args.model, args.pruned, examples, args.output, config, threads=args.threads, log=log,
                      show_progress=show)
@@ -260,7 +266,8 @@ def _recover(args, log, show) -> None:
         with atomic_path(args.report) as tmp:
             tmp.write_text(json.dumps(report.to_json(), indent=2))
     first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
-    print(f"wrote {args.output}: {report.steps} steps ({report.stopped_by}), {report.elapsed_s:.0f} s, "
+    kept = "" if report.best_step == report.steps else f", kept step {report.best_step} (lowest validation loss)"
+    print(f"wrote {args.output}: {report.steps} steps ({report.stopped_by}{kept}), {report.elapsed_s:.0f} s, "
           f"loss {first:.4f} → {last:.4f}; recovered ONNX vs PyTorch max |diff| {report.parity_after:.1e}")
 
 
@@ -384,6 +391,12 @@ def run(args) -> int:
         if args.report:
             with atomic_path(args.report) as tmp:
                 tmp.write_text(json.dumps(report.to_json(), indent=2))
+        pruned_fraction = 1.0 - sum(s.density for s in report.sites) / max(len(report.sites), 1)
+        if report.sites and pruned_fraction < args.sparsity - 0.005:
+            # Asking beyond the cap is not an error (the layout is still the sparsest AP allows),
+            # but a user comparing p's should know that two of them gave the same layout.
+            log(f"onnxprune prune: warning: p = {args.sparsity} asked, {pruned_fraction:.3f} pruned: diagonal blocks "
+                "(unless --no-keep-diagonal) and blocks no calibration input reached are never pruned")
         print(table(("site", "form", "causal", "density", "retained"),
                     [(s.name, s.form, s.causal, f"{s.density:.3f}", f"{s.retained_mass:.3f}") for s in report.sites]))
         print(f"wrote {args.output}: p = {args.sparsity}, block {args.block_size}, scope {args.scope}, "

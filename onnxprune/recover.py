@@ -52,6 +52,9 @@ class RecoverConfig:
     checkpoint: str | None = None  # path of the resumable checkpoint (None: no checkpoints)
     checkpoint_every: int = 25
     log_every: int = 10
+    #: Inputs held out of training to choose the best state by (0: none; keep the last state).
+    validation_examples: int = 128
+    validate_every: int = 100
 
 
 @dataclasses.dataclass
@@ -65,6 +68,8 @@ class RecoverReport:
     parity_before: float  # max |masked torch − pruned ONNX| before training
     parity_after: float  # max |fine-tuned masked torch − recovered ONNX|
     resumed_from_step: int = 0
+    best_step: int = 0  # the step whose state was kept (validation loss lowest; 0: the pruned model's own)
+    validation: list = dataclasses.field(default_factory=list)  # [step, validation loss] pairs
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,6 +209,34 @@ def _length_bucketed_batches(examples, batch_size: int, rng, pool: int = 50) -> 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _validation_split(count: int, wanted: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training, validation) indices; validation is empty when the data is too small to spare it."""
+    wanted = min(wanted, count // 10)
+    order = np.random.default_rng(seed + 1).permutation(count).tolist()
+    return sorted(order[wanted:]), sorted(order[:wanted])
+
+
+def validation_loss(objective, student, student_modules, teacher, teacher_modules, examples, names,
+                    batch_size: int = 16) -> float:
+    """The objective averaged over ``examples`` (batches of similar lengths), without gradients."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            feeds = pad_batch([examples[i] for i in order[start : start + batch_size]], names)
+            mask = torch.as_tensor(feeds["attention_mask"], device=student.device)
+            with recording(teacher_modules) as teacher_attn:
+                teacher_out = _forward(teacher, feeds, hidden_states=True)
+            with recording(student_modules) as student_attn:
+                student_out = _forward(student, feeds, hidden_states=True)
+            loss = distillation_loss(objective, student_out, teacher_out, student_attn, teacher_attn, mask)
+            total += float(loss) * len(feeds["attention_mask"])
+            weight += len(feeds["attention_mask"])
+    return total / max(weight, 1)
+
+
 def _save_checkpoint(path: str, state: dict) -> None:
     import torch
 
@@ -215,8 +248,16 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
             config: RecoverConfig, fingerprint: str = "", log=print, show_progress: bool = True) -> dict:
     """Fine-tune ``student`` in place.
 
-    Returns ``{steps, elapsed_s, cpu_s, stopped_by, losses, resumed_from_step}``: ``elapsed_s`` is
-    wall-clock training time (what the time budget counts), ``cpu_s`` this process's CPU time.
+    A few inputs (``config.validation_examples``) are held out of training; every
+    ``validate_every`` steps and at the end the objective is measured on them, and the student
+    ends in the state where it was lowest, the untrained pruned model's included. Fine-tuning
+    can overfit the unlabelled text and move away from the teacher elsewhere (measured: at
+    p = 0.5 on 1 356 docstrings, held-out cosine fell from 0.9975 to 0.9955); this keeps the
+    result no worse than what pruning alone gave, as far as unseen text tells.
+
+    Returns ``{steps, elapsed_s, cpu_s, stopped_by, losses, resumed_from_step, best_step,
+    validation}``: ``elapsed_s`` is wall-clock training time (what the time budget counts, the
+    validation passes included), ``cpu_s`` this process's CPU time.
     """
     import torch
 
@@ -227,10 +268,15 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
     # Token embeddings stay: pruning changed attention, not the vocabulary, and a tied LM head
     # (GPT-2) then still fits the recovered hidden states. Fewer parameters also step faster.
     student.get_input_embeddings().weight.requires_grad_(False)
+    training, held_out = _validation_split(len(examples), config.validation_examples, config.seed)
+    validation_examples = [examples[i] for i in held_out]
+    examples = [examples[i] for i in training]
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
     rng = np.random.default_rng(config.seed)
     step, elapsed, cpu, losses = 0, 0.0, 0.0, []
+    validation: list[list[float]] = []
+    best: dict = {"step": 0, "loss": math.inf, "state": None}
     if config.checkpoint and Path(config.checkpoint).is_file():
         state = torch.load(config.checkpoint, map_location="cpu", weights_only=False)
         if state.get("fingerprint") != fingerprint:
@@ -243,6 +289,7 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         rng.bit_generator.state = state["rng"]
         step, elapsed, losses, order = state["step"], state["elapsed_s"], state["losses"], state["order"]
         cpu = state["cpu_s"]
+        validation, best = state.get("validation", []), state.get("best", best)
         log(f"resumed from {config.checkpoint} at step {step} ({elapsed:.0f} s trained)")
     else:
         order = []  # the batches (lists of example indices) still to run in this pass over the data
@@ -253,11 +300,27 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
             _save_checkpoint(config.checkpoint, {
                 "fingerprint": fingerprint, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": rng.bit_generator.state, "order": order, "step": step, "elapsed_s": elapsed, "cpu_s": cpu, "losses": losses,
+                "validation": validation, "best": best,
             })
+
+    def validate() -> None:
+        nonlocal elapsed, cpu
+        if not validation_examples or (validation and validation[-1][0] == step):
+            return
+        started, started_cpu = time.perf_counter(), time.process_time()
+        loss = validation_loss(config.objective, student, student_modules, teacher, teacher_modules,
+                               validation_examples, names)
+        validation.append([step, loss])
+        if loss < best["loss"]:
+            best.update(step=step, loss=loss, state={k: v.detach().clone() for k, v in student.state_dict().items()})
+        elapsed += time.perf_counter() - started
+        cpu += time.process_time() - started_cpu
+        log(f"step {step}: validation loss {loss:.5f} (best {best['loss']:.5f} at step {best['step']})")
 
     # Dropout off: the target is the teacher's deterministic output.
     student.eval()
     stopped_by = "steps"
+    validate()
     bar = progress(range(step, config.steps), total=config.steps - step, desc="recovering", unit="step",
                    enabled=show_progress)
     for _ in bar:
@@ -285,6 +348,8 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         elapsed += time.perf_counter() - started
         cpu += time.process_time() - started_cpu
         losses.append(float(loss.detach()))
+        if validation_examples and step % config.validate_every == 0:
+            validate()
         if config.checkpoint and step % config.checkpoint_every == 0:
             checkpoint()
         if step % config.log_every == 0:
@@ -293,9 +358,15 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
     else:
         if config.time_budget_s is not None and elapsed >= config.time_budget_s and step < config.steps:
             stopped_by = "time budget"
+    validate()
     checkpoint()
+    if best["state"] is not None and best["step"] != step:
+        student.load_state_dict(best["state"])
+        log(f"kept the state of step {best['step']} (validation loss {best['loss']:.5f}; "
+            f"step {step}: {validation[-1][1]:.5f})")
     return {"steps": step, "elapsed_s": elapsed, "cpu_s": cpu, "stopped_by": stopped_by, "losses": losses,
-            "resumed_from_step": resumed_from}
+            "resumed_from_step": resumed_from, "best_step": best["step"] if validation_examples else step,
+            "validation": validation}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +438,7 @@ def recover(
         )
     log(f"masked PyTorch model matches {pruned_path}: max |diff| {before:.2e}")
     fingerprint = json.dumps([file_sha256(pruned_path), config.objective, config.batch_size, config.seed,
-                              len(examples), int(sum(len(e) for e in examples))])
+                              config.validation_examples, len(examples), int(sum(len(e) for e in examples))])
     run = distill(student, student_modules, teacher, teacher_modules, examples, names, config, fingerprint, log,
                   show_progress)
 
@@ -381,6 +452,7 @@ def recover(
         export(weights, dense, seq_len=min(64, positions // 2), opset=_opset(pruned_path), attn="eager", log=log)
         model = prune_with_layouts(dense, pruned, {
             "onnxprune.recovered": json.dumps({"objective": config.objective, "steps": run["steps"],
+                                               "kept_step": run["best_step"],
                                                "elapsed_s": round(run["elapsed_s"], 1),
                                                "examples": len(examples), "from": Path(pruned_path).name}),
         })
@@ -393,4 +465,5 @@ def recover(
         f"recovered ONNX vs fine-tuned PyTorch max |diff| {after:.2e}")
     return RecoverReport(output=str(output), steps=run["steps"], elapsed_s=run["elapsed_s"], cpu_s=run["cpu_s"],
                          stopped_by=run["stopped_by"], losses=run["losses"], parity_before=before,
-                         parity_after=after, resumed_from_step=run["resumed_from_step"])
+                         parity_after=after, resumed_from_step=run["resumed_from_step"], best_step=run["best_step"],
+                         validation=run["validation"])

@@ -80,6 +80,15 @@ def test_pipeline_outputs(workspace, capsys):
         assert abs(site["retained_mass_under_stats"] - site["retained_mass"]) < 1e-5
 
 
+def test_prune_warns_when_p_exceeds_what_the_layout_can_prune(workspace, capsys, tmp_path):
+    # 64 tokens in blocks of 16: 4 × 4 blocks per head, the 4 diagonal ones kept, so at most 0.75.
+    args = ["prune", str(workspace["model"]), "--stats", str(workspace["stats"]), "-o", str(tmp_path / "p.onnx")]
+    assert main([*args, "-p", "0.95"]) == 0
+    assert "p = 0.95 asked, 0.750 pruned" in capsys.readouterr().err
+    assert main([*args, "-p", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_verify_pass_and_fail(workspace, capsys, tmp_path):
     p0 = tmp_path / "p0.onnx"
     assert main(["prune", str(workspace["model"]), "--stats", str(workspace["stats"]), "-p", "0", "-o", str(p0), "-q"]) == 0

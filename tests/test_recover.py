@@ -151,6 +151,41 @@ def test_time_budget_stops_training(pruned_tiny):
     assert run["stopped_by"] == "time budget" and 0 < run["steps"] < 10_000
 
 
+def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import _validation_split, distill, load_model, masked_pair, validation_loss
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.9)
+    names = input_names(pruned)
+    pair = masked_pair(load_model(model_dir), read_layouts(pruned))
+    config = _config(steps=12, validate_every=3, validation_examples=8, objective="hidden")
+    run = distill(*pair, examples, names, config, log=lambda *a: None, show_progress=False)
+    steps, losses = zip(*run["validation"])
+    assert steps == (0, 3, 6, 9, 12)
+    assert run["best_step"] == steps[int(np.argmin(losses))]
+    # The student ends in that state: its loss on the held-out inputs is the recorded minimum.
+    _, held_out = _validation_split(len(examples), 8, config.seed)
+    again = validation_loss("hidden", *pair, [examples[i] for i in held_out], names)
+    assert again == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
+    # A learning rate far too high wrecks the student; validation sees it and keeps step 0's state.
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), read_layouts(pruned))
+    run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned),
+                  _config(steps=6, learning_rate=3.0, warmup_steps=1, validate_every=3, validation_examples=8),
+                  log=lambda *a: None, show_progress=False)
+    assert run["best_step"] == 0 and run["validation"][-1][1] > run["validation"][0][1]
+    for a, b in zip(student.parameters(), teacher.parameters()):  # the teacher is the untouched copy
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, ops_library, arch):
     import onnx
@@ -161,7 +196,9 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
 
     model_dir, pruned, examples = pruned_tiny(arch, 0.5)
     output = tmp_path / "recovered.onnx"
-    report = recover(model_dir, pruned, examples, output, _config(steps=6), log=lambda *a: None, show_progress=False)
+    # No validation: the last state is exported whatever it scores (the test is about the export).
+    report = recover(model_dir, pruned, examples, output, _config(steps=6, validation_examples=0), log=lambda *a: None,
+                     show_progress=False)
     before, after = read_layouts(pruned), read_layouts(output)
     assert after.block_size == before.block_size
     for a, b in zip(before.layouts, after.layouts):

@@ -1,0 +1,84 @@
+"""tools/results.py's report: RESULTS.md and its plots from the sections' JSON files (here small
+made-up ones with the real schema), so that a broken report fails here and not after an hour of
+`make results`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+results = pytest.importorskip("results")
+
+
+def _row(kind, block, scope, p):
+    cos = 1.0 - 0.1 * p**2 * (block / 16 if kind == "block" else 0.5)
+    return {"kind": kind, "block": block, "scope": scope, "p": p, "effective_sparsity_calibration": 0.9 * p,
+            "effective_sparsity_held_out": 0.8 * p, "retained_mass": 1 - 0.5 * p, "cosine_mean": cos,
+            "cosine_min": cos - 0.1, "top1_agreement": cos - 0.05, "seconds": 1.0}
+
+
+def _write_inputs(out: Path) -> None:
+    rows = [_row(k, b, s, p) for k, b, s, p in results.sweep_configs(quick=False, full=True)]
+    (out / "sweep.json").write_text(json.dumps({
+        "grid": "full", "calibration_inputs": 1356, "evaluation_inputs": 560, "calibration_mean_tokens": 57.0,
+        "evaluation_mean_tokens": 61.0, "rows": rows,
+        "product_path": [{"p": 0.9, "cosine_mean": 0.947, "top1_agreement": 0.7, "max_abs_embedding_diff_vs_torch": 2e-7}]}))
+    quality = lambda c: {"cosine_mean": c, "cosine_min": c - 0.1, "top1_agreement": c - 0.2}  # noqa: E731
+    run = lambda p, corpus, minutes, after, kept: {  # noqa: E731
+        "p": p, "objective": "embedding", "steps": 50, "steps_limit": 100_000, "lr": 1e-4, "minutes": minutes,
+        "corpus": corpus, "training_inputs": 18000 if corpus == "docstrings" else 1356, "kept_step": kept,
+        "validation": [[0, 0.07], [50, 0.03]], "stopped_by": "time budget", "threads": 2, "train_s": 600.0,
+        "train_cpu_s": 1100.0, "wall_s": 650.0, "before": quality(0.947), "after": quality(after),
+        "parity_before": 1e-7, "parity_after": 1e-6, "loss_first10": 0.06, "loss_last10": 0.02,
+        "losses": [0.06 - 0.0008 * i for i in range(50)]}
+    (out / "recover.json").write_text(json.dumps({"runs": [
+        run(0.9, "docstrings", 30.0, 0.975, 50), run(0.5, "docstrings", 10.0, 0.9976, 0)], "before": {}}))
+    (out / "recover.extra.json").write_text(json.dumps({"runs": [
+        {**run(0.9, "calibration", None, 0.9697, 50), "minutes": None}]}))
+    (out / "decoder.json").write_text(json.dumps({
+        "context": 512, "held_out_windows": 48, "parameters": 690_000, "layers": 3, "hidden": 128, "heads": 4,
+        "train": {"steps": 600, "seconds": 500.0, "cpu_s": 600.0, "loss_last50": 2.3}, "dense_perplexity": 10.7,
+        "post_training": [{"p": p, "perplexity": 10.7 + p, "effective_sparsity": p, "retained_mass": 1 - p / 2}
+                          for p in (0.0, 0.5, 0.9)],
+        "fine_tuned": [{"p": 0.0, "how": "dense LM fine-tune (baseline)", "steps": 60, "perplexity": 10.6},
+                       {"p": 0.9, "how": "recover (self-distillation)", "steps": 60, "perplexity": 11.0},
+                       {"p": 0.9, "how": "LM fine-tune with the mask", "steps": 60, "perplexity": 10.5}]}))
+    (out / "speed.json").write_text(json.dumps({"threads": 2, "sparsities": [0.9], "load_before": 0.1, "load_after": 1.9,
+        "models": {"minilm": {"length": 256, "rows": [
+            {"p": 0.0, "median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.0, "speedup": 1.0},
+            {"p": 0.9, "median_ms": 8.0, "p10_ms": 7.5, "p90_ms": 9.0, "speedup": 1.25}]}}}))
+
+
+def test_report_writes_every_section_and_valid_plots(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    _write_inputs(out)
+    results.run_report(out, quick=False, docs=docs)
+    text = (docs / "RESULTS.md").read_text()
+    for heading in ("## Encoder", "### Scopes and block sizes", "## Recovery without labels", "## Decoder",
+                    "## Speed", "## Reproduce"):
+        assert heading in text, heading
+    assert "the **full** grid, 85 configurations" in text
+    # recover rows: the budget, the kept step, the goal verdict, and the corpus comparison
+    assert "| 0.9 | docstrings | embedding | 30 min | 50 |" in text and "≥ 0.98: not met" in text
+    assert "| 0.5 | docstrings | embedding | 10 min | 50 (0) |" in text and "≥ 0.99: **met**" in text
+    assert "**What the text is worth.**" in text and "0.9697" in text
+    assert "| minilm | 256 | 0.9 | 8.00 | 7.50–9.00 | 1.25× |" in text
+    assert "`0.9:embedding:100000:0.0001:calibration`" in text
+    for image in text.split("](results/")[1:]:
+        name = image.split(")")[0]
+        assert (docs / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_recover_run_specs_parse_and_name_their_files():
+    run = results.RecoverRun.parse("0.9:embedding:5000:5e-5:30:docstrings")
+    assert run == results.RecoverRun(0.9, "embedding", 5000, 5e-5, 30.0, "docstrings")
+    assert results.RecoverRun.parse("0.5:hidden:100") == results.RecoverRun(0.5, "hidden", 100)
+    assert run.file_stem() == "minilm.p90.embedding.5000steps.lr5e-05.30min.docstrings"
+    # rows written before budgets and corpora were recorded count as calibration-text, steps-only runs
+    old = {"p": 0.9, "objective": "embedding", "steps": 800, "lr": 1e-4}
+    assert results._run_key(old) == results.RecoverRun(0.9, "embedding", 800, corpus="calibration").key()
