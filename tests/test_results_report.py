@@ -49,7 +49,8 @@ def _write_inputs(out: Path) -> None:
                        {"p": 0.9, "how": "LM fine-tune with the mask", "steps": 60, "perplexity": 10.5}]}))
     (out / "speed.json").write_text(json.dumps({"threads": 2, "sparsities": [0.9], "load_before": 0.1, "load_after": 1.9,
         "models": {"minilm": {"length": 256, "rows": [
-            {"p": 0.0, "median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.0, "speedup": 1.0},
+            {"p": None, "median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.0, "speedup": 1.0},
+            {"p": 0.0, "median_ms": 9.0, "p10_ms": 8.5, "p90_ms": 9.5, "speedup": 1.11},
             {"p": 0.9, "median_ms": 8.0, "p10_ms": 7.5, "p90_ms": 9.0, "speedup": 1.25}]}}}))
 
 
@@ -68,7 +69,8 @@ def test_report_writes_every_section_and_valid_plots(tmp_path):
     assert "| 0.5 | docstrings | embedding | 10 min | 50 (0) |" in text and "≥ 0.99: **met**" in text
     assert "**What the text is worth.**" in text and "0.9697" in text
     assert "| minilm | 256 | 0.9 | 8.00 | 7.50–9.00 | 1.25× |" in text
-    assert "`0.9:embedding:100000:0.0001:calibration`" in text
+    assert "| minilm | 256 | dense | 10.00 |" in text and "| minilm | 256 | 0 (the op, nothing pruned) | 9.00 |" in text
+    assert "`0.9:embedding:100000:0.0001:none:calibration`" in text
     for image in text.split("](results/")[1:]:
         name = image.split(")")[0]
         assert (docs / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
