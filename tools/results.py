@@ -920,6 +920,9 @@ def main(argv=None) -> int:
         elif section == "recover" and args.recover_runs:
             runs = [RecoverRun.parse(r) for r in args.recover_runs.split(",")]
             run_recover(out, args.quick, runs, name=f"recover.{args.recover_runs.replace(':', '_').replace(',', '-')}.json")
+        elif section == "report":
+            # A smoke run's report stays beside its JSON: it must not replace the real docs/RESULTS.md.
+            run_report(out, args.quick, docs=out / "docs" if args.quick else ROOT / "docs")
         else:
             globals()[f"run_{section}"](out, args.quick)
         log(f"{section} done in {time.perf_counter() - t0:.0f} s")
