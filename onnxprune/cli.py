@@ -240,6 +240,9 @@ def _add_recover_parser(verb) -> None:
                         "untrained one included (default 128, at most a tenth of the data; 0: keep the last)")
     p.add_argument("--validate-every", type=_positive, default=100, metavar="STEPS",
                    help="steps between validation passes (default 100)")
+    p.add_argument("--patience", type=_positive, metavar="N",
+                   help="stop after N validation passes in a row without a better loss (default: never; "
+                        "the time budget or the steps end the run)")
     p.add_argument("-o", "--output", required=True, help="output recovered pruned .onnx")
     p.add_argument("--report", help="also write the recover report as JSON here")
 
@@ -258,7 +261,7 @@ def _recover(args, log, show) -> None:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, objective=args.objective,
         time_budget_s=None if args.time_budget is None else args.time_budget * 60, seed=args.seed,
         checkpoint=args.checkpoint or f"{args.output}.ckpt", validation_examples=args.validation_examples,
-        validate_every=args.validate_every,
+        validate_every=args.validate_every, patience=args.patience,
     )
     report = recover(args.model, args.pruned, examples, args.output, config, threads=args.threads, log=log,
                      show_progress=show)

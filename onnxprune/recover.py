@@ -55,6 +55,8 @@ class RecoverConfig:
     #: Inputs held out of training to choose the best state by (0: none; keep the last state).
     validation_examples: int = 128
     validate_every: int = 100
+    #: Stop after this many validation passes in a row without a new best (None: never).
+    patience: int | None = None
 
 
 @dataclasses.dataclass
@@ -63,7 +65,7 @@ class RecoverReport:
     steps: int
     elapsed_s: float
     cpu_s: float  # process CPU time of the training steps (all threads)
-    stopped_by: str  # "steps" or "time budget"
+    stopped_by: str  # "steps", "time budget" or "no improvement" (patience)
     losses: list[float]
     parity_before: float  # max |masked torch − pruned ONNX| before training
     parity_after: float  # max |fine-tuned masked torch − recovered ONNX|
@@ -350,6 +352,10 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         losses.append(float(loss.detach()))
         if validation_examples and step % config.validate_every == 0:
             validate()
+            if config.patience and step - best["step"] >= config.patience * config.validate_every:
+                stopped_by = "no improvement"
+                log(f"step {step}: no better validation loss in {config.patience} passes; stopping")
+                break
         if config.checkpoint and step % config.checkpoint_every == 0:
             checkpoint()
         if step % config.log_every == 0:

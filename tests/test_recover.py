@@ -186,6 +186,18 @@ def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_patience_stops_a_run_that_no_longer_improves(pruned_tiny):
+    from onnxprune.masked_attention import read_layouts
+    from onnxprune.model_io import input_names
+    from onnxprune.recover import distill, load_model, masked_pair
+
+    model_dir, pruned, examples = pruned_tiny("bert", 0.5)
+    config = _config(steps=1000, learning_rate=3.0, warmup_steps=1, validate_every=2, validation_examples=8, patience=2)
+    run = distill(*masked_pair(load_model(model_dir), read_layouts(pruned)), examples, input_names(pruned), config,
+                  log=lambda *a: None, show_progress=False)
+    assert run["stopped_by"] == "no improvement" and run["best_step"] == 0 and run["steps"] == 4
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, ops_library, arch):
     import onnx
