@@ -218,6 +218,19 @@ def _validation_split(count: int, wanted: int, seed: int) -> tuple[list[int], li
     return sorted(order[wanted:]), sorted(order[:wanted])
 
 
+def batch_loss(objective, student, student_modules, teacher, teacher_modules, feeds: dict):
+    """The objective on one padded batch: the teacher without gradients, the student with them
+    (unless the caller disabled them)."""
+    import torch
+
+    mask = torch.as_tensor(feeds["attention_mask"], device=student.device)
+    with torch.no_grad(), recording(teacher_modules) as teacher_attn:
+        teacher_out = _forward(teacher, feeds, hidden_states=True)
+    with recording(student_modules) as student_attn:
+        student_out = _forward(student, feeds, hidden_states=True)
+        return distillation_loss(objective, student_out, teacher_out, student_attn, teacher_attn, mask)
+
+
 def validation_loss(objective, student, student_modules, teacher, teacher_modules, examples, names,
                     batch_size: int = 16) -> float:
     """The objective averaged over ``examples`` (batches of similar lengths), without gradients."""
@@ -228,12 +241,7 @@ def validation_loss(objective, student, student_modules, teacher, teacher_module
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             feeds = pad_batch([examples[i] for i in order[start : start + batch_size]], names)
-            mask = torch.as_tensor(feeds["attention_mask"], device=student.device)
-            with recording(teacher_modules) as teacher_attn:
-                teacher_out = _forward(teacher, feeds, hidden_states=True)
-            with recording(student_modules) as student_attn:
-                student_out = _forward(student, feeds, hidden_states=True)
-            loss = distillation_loss(objective, student_out, teacher_out, student_attn, teacher_attn, mask)
+            loss = batch_loss(objective, student, student_modules, teacher, teacher_modules, feeds)
             total += float(loss) * len(feeds["attention_mask"])
             weight += len(feeds["attention_mask"])
     return total / max(weight, 1)
@@ -333,13 +341,8 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         if not order:
             order = _length_bucketed_batches(examples, config.batch_size, rng)
         chosen, order = order[0], order[1:]
-        feeds = pad_batch([examples[i] for i in chosen], names)
-        mask = torch.as_tensor(feeds["attention_mask"], device=student.device)
-        with torch.no_grad(), recording(teacher_modules) as teacher_attn:
-            teacher_out = _forward(teacher, feeds, hidden_states=True)
-        with recording(student_modules) as student_attn:
-            student_out = _forward(student, feeds, hidden_states=True)
-            loss = distillation_loss(config.objective, student_out, teacher_out, student_attn, teacher_attn, mask)
+        loss = batch_loss(config.objective, student, student_modules, teacher, teacher_modules,
+                          pad_batch([examples[i] for i in chosen], names))
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step, elapsed)
         optimizer.zero_grad(set_to_none=True)

@@ -45,24 +45,36 @@ def _objects(module):
             yield member
 
 
-def docstrings(modules, min_chars: int = 40) -> list[str]:
-    """One line per distinct docstring (whitespace collapsed) of the modules' public objects."""
+def _one_line(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def _distinct_lines(docs, min_chars: int, excluded=frozenset()) -> list[str]:
+    """Each docstring as one line (whitespace collapsed), first occurrence only, at least
+    ``min_chars`` long and not in ``excluded``; in the order given."""
     seen: set[str] = set()
     lines: list[str] = []
+    for doc in docs:
+        line = _one_line(doc) if doc else ""
+        if len(line) >= min_chars and line not in seen and line not in excluded:
+            seen.add(line)
+            lines.append(line)
+    return lines
+
+
+def _imported_docs(modules):
     for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
         for obj in _objects(module):
-            doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            line = _SPACES.sub(" ", doc).strip()
-            if len(line) >= min_chars and line not in seen:
-                seen.add(line)
-                lines.append(line)
-    return lines
+            yield inspect.getdoc(obj)
+
+
+def docstrings(modules, min_chars: int = 40) -> list[str]:
+    """One line per distinct docstring (whitespace collapsed) of the modules' public objects."""
+    return _distinct_lines(_imported_docs(modules), min_chars)
 
 
 def _package_folder(name: str):
@@ -92,28 +104,24 @@ def source_docstrings(packages=("stdlib", "torch"), exclude_modules=EVALUATION_M
 
     skip_tops = {m.split(".")[0] for m in exclude_modules}
     skip_tops |= {f"_{m}" for m in skip_tops} | {f"_py{m}" for m in skip_tops}
-    excluded = {_SPACES.sub(" ", line).strip() for line in exclude_lines}
-    seen: set[str] = set()
-    lines: list[str] = []
-    for package in packages:
-        folder = _package_folder(package)
-        if folder is None:
-            continue
-        for path in sorted(folder.rglob("*.py")):
-            parts = path.relative_to(folder).parts
-            if package == "stdlib" and (parts[0] == "site-packages" or parts[0].removesuffix(".py") in skip_tops):
+
+    def parsed_docs():
+        for package in packages:
+            folder = _package_folder(package)
+            if folder is None:
                 continue
-            if any(p in ("test", "tests", "testing", "idlelib", "turtledemo") for p in parts[:-1]):
-                continue
-            try:
-                tree = ast.parse(path.read_bytes())
-            except (SyntaxError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    line = _SPACES.sub(" ", doc).strip() if doc else ""
-                    if len(line) >= min_chars and line not in seen and line not in excluded:
-                        seen.add(line)
-                        lines.append(line)
-    return lines
+            for path in sorted(folder.rglob("*.py")):
+                parts = path.relative_to(folder).parts
+                if package == "stdlib" and (parts[0] == "site-packages" or parts[0].removesuffix(".py") in skip_tops):
+                    continue
+                if any(p in ("test", "tests", "testing", "idlelib", "turtledemo") for p in parts[:-1]):
+                    continue
+                try:
+                    tree = ast.parse(path.read_bytes())
+                except (SyntaxError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        yield ast.get_docstring(node)
+
+    return _distinct_lines(parsed_docs(), min_chars, {_one_line(line) for line in exclude_lines})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -56,12 +57,19 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=1))
 
 
+@functools.lru_cache(maxsize=1)
+def docstring_lines() -> tuple[list[str], list[str]]:
+    """(calibration modules' docstrings, evaluation modules' docstrings), read once per process
+    (importing the modules for them takes seconds)."""
+    return docstrings(CALIBRATION_MODULES), docstrings(EVALUATION_MODULES)
+
+
 def minilm_data():
     """Calibration (single docstrings of the calibration modules) and the 560 held-out docstrings."""
     tokenizer = load_tokenizer(default_model_dir())
-    calibration_lines = docstrings(CALIBRATION_MODULES)
+    calibration_lines, evaluation_lines = docstring_lines()
     seen = set(calibration_lines)
-    held_out = [d for d in docstrings(EVALUATION_MODULES) if d not in seen]
+    held_out = [d for d in evaluation_lines if d not in seen]
     chosen = [held_out[i] for i in np.random.default_rng(0).permutation(len(held_out))[:EVALUATION_SIZE]]
     calibration = tokenize(calibration_lines, tokenizer, MAX_LENGTH, chunk=False)
     evaluation = tokenize(chosen, tokenizer, MAX_LENGTH, chunk=False)
@@ -239,13 +247,24 @@ RECOVER_RUNS = (
 QUICK_RECOVER_RUNS = (RecoverRun(0.9, "hidden", 5, corpus="calibration"), RecoverRun(0.5, "hidden", 5, corpus="calibration"))
 
 
-def recover_corpus(calibration_lines: list[str], tokenizer) -> list[np.ndarray]:
+def minilm_pruned(out: Path, dense: Path, stats, p: float) -> Path:
+    """``out``/minilm.pXX.onnx (block 16, scope layer), pruned and written on first use."""
+    from onnxprune.model_io import save_model
+    from onnxprune.prune import prune
+
+    path = out / f"minilm.p{int(p * 100):02d}.onnx"
+    if not path.is_file():
+        save_model(prune(dense, stats, p, block_size=16, scope="layer")[0], path)
+    return path
+
+
+def recover_corpus(tokenizer) -> list[np.ndarray]:
     """Unlabelled training text for recover: the calibration docstrings plus every docstring parsed
     from the standard library's and torch's sources outside the evaluation modules, with any line
     equal to an evaluation docstring removed (so nothing held out is trained on)."""
     from onnxprune.stdlib_text import source_docstrings
 
-    held_out = docstrings(EVALUATION_MODULES)
+    calibration_lines, held_out = docstring_lines()
     lines = list(dict.fromkeys(calibration_lines + source_docstrings(exclude_lines=held_out)))
     return tokenize(lines, tokenizer, MAX_LENGTH, chunk=False)
 
@@ -254,8 +273,6 @@ def run_recover(out: Path, quick: bool, runs=None, name: str = "recover.json") -
     """``runs``: RecoverRun tuples instead of RECOVER_RUNS."""
     import torch
 
-    from onnxprune.model_io import save_model
-    from onnxprune.prune import prune
     from onnxprune.recover import RecoverConfig, recover
     from onnxprune.verify import sentence_embeddings
 
@@ -274,12 +291,10 @@ def run_recover(out: Path, quick: bool, runs=None, name: str = "recover.json") -
             continue
         p = run_spec.p
         if run_spec.corpus not in corpora:
-            corpora[run_spec.corpus] = recover_corpus(docstrings(CALIBRATION_MODULES), load_tokenizer(default_model_dir()))
+            corpora[run_spec.corpus] = recover_corpus(load_tokenizer(default_model_dir()))
             result.setdefault("corpus_inputs", {})[run_spec.corpus] = len(corpora[run_spec.corpus])
         examples = corpora[run_spec.corpus]
-        pruned = out / f"minilm.p{int(p * 100):02d}.onnx"
-        if not pruned.is_file():
-            save_model(prune(dense, stats, p, block_size=16, scope="layer")[0], pruned)
+        pruned = minilm_pruned(out, dense, stats, p)
         if str(p) not in before_by_p:
             before_by_p[str(p)] = quality(sentence_embeddings(pruned, _dataset(evaluation, names), threads=THREADS),
                                           dense_emb, dense_nn)
@@ -509,18 +524,13 @@ def run_speed(out: Path, quick: bool) -> None:
     and the decoder at 512 bytes. Whole models: attention is only part of each, so this is what a
     user of these models gains, not the kernel's own speed-up (docs/PERFORMANCE.md has that)."""
     from onnxprune.bench import bench
-    from onnxprune.model_io import save_model
-    from onnxprune.prune import prune
 
     dense, stats, _, _, _ = minilm_dense(out)
     sparsities = (0.0, 0.9) if quick else SPEED_SPARSITIES
     repeats = 5 if quick else 100
     models = {"minilm": (256, [dense]), "decoder": (CONTEXT, [out / "decoder" / "gpt2.onnx"])}
     for p in sparsities:
-        pruned = out / f"minilm.p{int(p * 100):02d}.onnx"
-        if not pruned.is_file():
-            save_model(prune(dense, stats, p, block_size=16, scope="layer")[0], pruned)
-        models["minilm"][1].append(pruned)
+        models["minilm"][1].append(minilm_pruned(out, dense, stats, p))
         models["decoder"][1].append(out / "decoder" / f"gpt2.p{int(p * 100):02d}.onnx")
     # The 1-minute load average beside the timings: other jobs on the machine show there.
     result = {"threads": THREADS, "sparsities": list(sparsities), "models": {}, "load_before": os.getloadavg()[0]}
