@@ -629,11 +629,13 @@ def recover_section(runs: list[dict], sweep, figures: Path) -> list[str]:
              "teacher on unlabelled text, in batches of 16 inputs of similar lengths, with AdamW, warm-up then cosine "
              "decay to the step limit or the time budget, and the token embeddings frozen. Newer runs hold 128 inputs "
              "out of training and keep the state with the lowest loss on them, the untrained one included (the "
-             "\"kept\" column). The training text is one of:", "",
-             f"- `calibration`: the {corpus_sizes.get('calibration', '?')} calibration docstrings only;",
-             f"- `docstrings`: {corpus_sizes.get('docstrings', 'about 19 000')} docstrings: the calibration ones plus every "
-             "docstring parsed from the sources of the standard library (outside the 54 evaluation modules) and of "
-             "torch, minus any line equal to an evaluation docstring.", "",
+             "\"kept\" column). The training text is one of:", ""]
+    described = {"calibration": "calibration docstrings only",
+                 "docstrings": "docstrings: the calibration ones plus every docstring parsed from the sources of the "
+                               "standard library (outside the 54 evaluation modules) and of torch, minus any line "
+                               "equal to an evaluation docstring"}
+    lines += [f"- `{name}`: {size} {described.get(name, 'inputs')};" for name, size in sorted(corpus_sizes.items())]
+    lines += ["",
              "Before/after: the pruned and the recovered `.onnx` in ONNX Runtime with the library's kernel, on the 560 "
              "held-out docstrings. Train min: wall-clock training time (validation passes included), with the threads used.", "",
              "| p | text | objective | budget | steps (kept) | peak lr | train min | cosine before → after | "
