@@ -235,7 +235,7 @@ def _add_recover_parser(verb) -> None:
     p.add_argument("--time-budget", type=float, metavar="MIN", help="stop training after this many minutes")
     p.add_argument("--checkpoint", help="resumable checkpoint (default OUTPUT.ckpt; resumed when it exists)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
-    p.add_argument("--validation-examples", type=int, default=128, metavar="N",
+    p.add_argument("--validation-examples", type=_non_negative, default=128, metavar="N",
                    help="inputs held out of training; the state with the lowest loss on them is kept, the "
                         "untrained one included (default 128, at most a tenth of the data; 0: keep the last)")
     p.add_argument("--validate-every", type=_positive, default=100, metavar="STEPS",

@@ -275,6 +275,8 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
         raise OnnxpruneError(f"--objective must be one of {OBJECTIVES}, got {config.objective!r}")
     if len(examples) < 1:
         raise OnnxpruneError("no training examples")
+    if config.validation_examples < 0:
+        raise OnnxpruneError(f"validation_examples must be 0 or more, got {config.validation_examples}")
     # Token embeddings stay: pruning changed attention, not the vocabulary, and a tied LM head
     # (GPT-2) then still fits the recovered hidden states. Fewer parameters also step faster.
     student.get_input_embeddings().weight.requires_grad_(False)

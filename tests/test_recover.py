@@ -237,6 +237,10 @@ def test_cli_recover_with_npz_data(pruned_tiny, tmp_path, ops_library):
     assert code == 0 and output.is_file() and (tmp_path / "out.onnx.ckpt").is_file()
     assert main(["recover", model_dir, str(tmp_path / "data.npz"), "--data", str(tmp_path / "data.npz"),
                  "-o", str(tmp_path / "x.onnx"), "--quiet"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: one line on stderr, exit 2, nothing written
+        main(["recover", model_dir, pruned, "--data", str(tmp_path / "data.npz"), "--validation-examples", "-1",
+              "-o", str(tmp_path / "y.onnx"), "--quiet"])
+    assert refused.value.code == 2 and not (tmp_path / "y.onnx").exists()
 
 
 @pytest.mark.parametrize("arch,expected", [("bert", ["input_ids", "attention_mask", "token_type_ids"]),
