@@ -130,7 +130,8 @@ def _read(path: str | os.PathLike, load_external_data: bool = False) -> tuple[on
         info = _info(path, digest.hexdigest(), proto)
         if load_external_data:
             onnx.load_external_data_for_model(proto, str(file.resolve().parent))
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+    # ValidationError: an external data file that is missing or outside the model's folder.
+    except (DecodeError, onnx.checker.ValidationError, RuntimeError, ValueError, OSError) as e:
         raise OnnxpruneError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     return proto, info
 
