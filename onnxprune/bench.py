@@ -63,8 +63,8 @@ def check_providers(providers: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def bench(models: Sequence[str | os.PathLike | ModelInfo], seq_len: int = 256, batch: int = 1, threads: int | None = None,
-          warmup: int = 3, repeats: int = 20, show_progress: bool = True,
+def bench(models: Sequence[str | os.PathLike | ModelInfo], seq_len: int = 256, batch: int = 1,
+          threads: int | None = None, warmup: int = 3, repeats: int = 20, show_progress: bool = True,
           providers: Sequence[str] | None = None, library: str = "auto") -> list[Timing]:
     """Time each model on the same synthetic inputs (token ids valid for every model's vocabulary)."""
     if not models:

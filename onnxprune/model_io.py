@@ -1,4 +1,5 @@
-"""Loading models with clear errors, and writing every output atomically."""
+"""Loading models (the model and its record, ``ModelInfo``, from one read of the file) with clear
+errors, and writing every output atomically."""
 
 from __future__ import annotations
 

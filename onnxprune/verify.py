@@ -58,8 +58,8 @@ def library_use(model: str | os.PathLike | ModelInfo, choice: str, which: str) -
 
 
 def compare_outputs(
-    a: str | os.PathLike | ModelInfo, b: str | os.PathLike | ModelInfo, dataset: Dataset, atol: float = 1e-4, rtol: float = 1e-3,
-    batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
+    a: str | os.PathLike | ModelInfo, b: str | os.PathLike | ModelInfo, dataset: Dataset,
+    atol: float = 1e-4, rtol: float = 1e-3, batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
     providers: Sequence[str] | None = None, library: str = "auto",
 ) -> list[OutputComparison]:
     """Run both models on every batch and compare B to A (the reference).

@@ -152,8 +152,8 @@ def opened(monkeypatch):
 def test_calibrate_reads_the_model_once(tmp_path, opened, external):
     dense = models.save(models.attention_encoder(), tmp_path / "dense.onnx", external=external)
     rng = np.random.default_rng(0)
-    examples = [{"X": rng.standard_normal((24, models.HIDDEN)).astype(np.float32), "attention_mask": np.ones(24, np.int64)}
-                for _ in range(4)]
+    examples = [{"X": rng.standard_normal((24, models.HIDDEN)).astype(np.float32),
+                 "attention_mask": np.ones(24, np.int64)} for _ in range(4)]
     opened.clear()  # saving it opened it
     stats = calibrate(dense, Dataset(examples, ["X", "attention_mask"]), granularity=models.GRANULARITY,
                       max_length=models.MAX_LENGTH, batch_size=2, show_progress=False)
