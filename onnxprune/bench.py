@@ -15,7 +15,7 @@ import numpy as np
 
 from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import uses_domain
+from onnxprune.model_io import ModelInfo, read_info
 from onnxprune.progress import progress
 from onnxprune.runtime import run, session
 from onnxprune.synthetic import input_specs, synthetic_feeds
@@ -43,10 +43,10 @@ class Timing:
         return dict(dataclasses.asdict(self), iqr_ms=self.iqr_ms)
 
 
-def _library_flags(models: Sequence, library: str) -> list[bool]:
+def _library_flags(models: Sequence[ModelInfo], library: str) -> list[bool]:
     """``auto``: the models with onnxprune ops; ``none``; ``a``/``b``: only the first/second model."""
     if library == "auto":
-        return [uses_domain(m, op_schema.DOMAIN) for m in models]
+        return [m.uses_domain(op_schema.DOMAIN) for m in models]
     if library == "none":
         return [False] * len(models)
     return [i == "ab".index(library) for i in range(len(models))]
@@ -63,15 +63,16 @@ def check_providers(providers: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def bench(models: list[str | os.PathLike], seq_len: int = 256, batch: int = 1, threads: int | None = None,
-          warmup: int = 3, repeats: int = 20, show_progress: bool = True,
+def bench(models: Sequence[str | os.PathLike | ModelInfo], seq_len: int = 256, batch: int = 1,
+          threads: int | None = None, warmup: int = 3, repeats: int = 20, show_progress: bool = True,
           providers: Sequence[str] | None = None, library: str = "auto") -> list[Timing]:
     """Time each model on the same synthetic inputs (token ids valid for every model's vocabulary)."""
     if not models:
         raise OnnxpruneError("no model to benchmark")
     providers = check_providers(providers)
+    models = [read_info(m) for m in models]
     flags = _library_flags(models, library)
-    sessions = [session(m, providers=providers, threads=threads, with_library=f) for m, f in zip(models, flags)]
+    sessions = [session(m.path, providers=providers, threads=threads, with_library=f) for m, f in zip(models, flags)]
     specs = [input_specs(m) for m in models]
     vocab = min(v for _, v in specs)
     feeds = [synthetic_feeds(s, vocab, batch, seq_len) for s, _ in specs]
@@ -82,12 +83,12 @@ def bench(models: list[str | os.PathLike], seq_len: int = 256, batch: int = 1, t
     for i, timed in progress(steps, total=len(steps), desc=f"benchmarking ({total_warmup} warm-up runs)",
                              unit="run", enabled=show_progress):
         start = time.perf_counter()
-        run(sessions[i], feeds[i], models[i])
+        run(sessions[i], feeds[i], models[i].path)
         if timed:
             times[i].append((time.perf_counter() - start) * 1e3)
     return [
         Timing(
-            model=str(m), median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
+            model=m.path, median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
             p90_ms=float(np.percentile(t, 90)), runs=len(t), p25_ms=float(np.percentile(t, 25)),
             p75_ms=float(np.percentile(t, 75)), mean_ms=float(np.mean(t)), min_ms=float(np.min(t)),
             library=f, providers=list(s.get_providers()),

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import file_sha256, has_external_data, load_ir
+from onnxprune.model_io import LoadedModel, ModelInfo, load_model
 from onnxprune.progress import progress
 from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
 from onnxprune.runtime import session
@@ -100,9 +100,10 @@ def _key_pooling_nodes(probs: str, out: str, granularity: int) -> list[onnx.Node
     ]
 
 
-def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes, list[SiteMatch]]:
-    """The model with one added output per site: its key-pooled attention probabilities."""
-    ir_model = load_ir(model_path)
+def probe_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[SiteMatch]]:
+    """The model with one added output per site: its key-pooled attention probabilities.
+    ``loaded.model`` is changed (fused attention decomposed)."""
+    model_path, ir_model = loaded.info.path, loaded.model
     decompose_fused_attention(ir_model)
     discovery = find_sites(ir_model)
     if not discovery.sites:
@@ -112,10 +113,10 @@ def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes,
         )
     from onnx_ir import serde
 
-    proto = serde.serialize_model(ir_model)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = loaded.info.opset() or 0
     if opset < 13:
         raise OnnxpruneError(f"{model_path}: opset {opset} is too old (need >= 13); export again with a newer opset")
+    proto = serde.serialize_model(ir_model)
     del proto.graph.output[:]
     for index, site in enumerate(discovery.sites):
         probs = site.probs.name if site.probs is not None else None
@@ -128,13 +129,12 @@ def probe_model(model_path: str | os.PathLike, granularity: int) -> tuple[bytes,
     return proto.SerializeToString(), discovery.sites
 
 
-def _probe_session(probe: bytes, model_path: str | os.PathLike, threads: int | None):
+def _probe_session(probe: bytes, info: ModelInfo, threads: int | None):
     """An ORT session of the probe model. With external data, ORT finds the data relative to the
     model file, so the probe is written beside the model for as long as the session loads."""
-    proto = onnx.ModelProto.FromString(probe)
-    if not has_external_data(proto):
+    if not info.has_external_data:
         return session(probe, threads=threads, with_library=False)
-    folder = Path(model_path).resolve().parent
+    folder = Path(info.path).resolve().parent
     fd, tmp = tempfile.mkstemp(prefix=".onnxprune-probe.", suffix=".onnx", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -163,7 +163,7 @@ def _group_counts(valid: np.ndarray, granularity: int) -> np.ndarray:
 
 
 def calibrate(
-    model_path: str | os.PathLike,
+    model: str | os.PathLike | LoadedModel,
     dataset: Dataset,
     granularity: int = 16,
     max_length: int = 256,
@@ -171,12 +171,17 @@ def calibrate(
     threads: int | None = None,
     show_progress: bool = True,
 ) -> Stats:
-    """Average attention statistics of every site of ``model_path`` over ``dataset``."""
-    probe, sites = probe_model(model_path, granularity)
-    sess = _probe_session(probe, model_path, threads)
+    """Average attention statistics of every site of ``model`` over ``dataset``.
+
+    ``model``: a path, or the ``load_model`` of one (a caller that read the file for its input
+    names), whose graph calibration changes.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    probe, sites = probe_model(loaded, granularity)
+    sess = _probe_session(probe, loaded.info, threads)
     names = [o.name for o in sess.get_outputs()]
     stats: Stats | None = None
-    sha = file_sha256(model_path)
+    sha = loaded.info.sha256
     batches = dataset.batches(batch_size)
     extents: dict[str, list] = {}  # site → [queries follow the input, keys do, query cells, key cells]
     total = -(-len(dataset) // batch_size)

@@ -1,8 +1,10 @@
-"""Loading models with clear errors, and writing every output atomically."""
+"""Loading models (the model and its record, ``ModelInfo``, from one read of the file) with clear
+errors, and writing every output atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -16,34 +18,128 @@ from google.protobuf.message import DecodeError
 from onnxprune.errors import OnnxpruneError
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+#: Files are read (and hashed) in pieces of this size.
+CHUNK_BYTES = 1 << 20
+
+
+def _chunks(path: str | os.PathLike) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        yield from iter(lambda: f.read(CHUNK_BYTES), b"")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of any file (statistics, layouts). A model's is ``ModelInfo.sha256``: see ``load_model``."""
+    digest = hashlib.sha256()
+    for chunk in _chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
-def load_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    path = Path(path)
-    if not path.exists():
-        raise OnnxpruneError(f"{path}: no such file")
-    if path.is_dir():
-        raise OnnxpruneError(f"{path}: is a directory, not an ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise OnnxpruneError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    if not model.graph.node:
-        raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
-    return model
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """A runtime input. ``elem_type``: an ``onnx.TensorProto`` data type, ``None`` when the input
+    is not a tensor; in ``shape``, a symbolic axis is its name and an unknown one ``None``."""
+
+    name: str
+    elem_type: int | None
+    shape: tuple[int | str | None, ...]
 
 
-def input_names(path: str | os.PathLike) -> list[str]:
-    """The model's runtime inputs (graph inputs that are not initializers), weights not loaded."""
-    graph = load_proto(path, load_external_data=False).graph
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the verbs need to know about a model file besides its graph, from one read of it."""
+
+    path: str
+    sha256: str
+    inputs: tuple[ModelInput, ...]  # graph inputs that are not initializers
+    domains: frozenset[str]  # imported, or used by a node of the main graph
+    opset_imports: tuple[tuple[str, int], ...]
+    external_data_files: tuple[str, ...]  # as the model names them, relative to its folder
+    #: Rows of the table that ``input_ids`` is looked up in (``Gather(table, input_ids)``), if any.
+    vocab_size: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def has_external_data(self) -> bool:
+        return bool(self.external_data_files)
+
+    def uses_domain(self, domain: str) -> bool:
+        return domain in self.domains
+
+    def opset(self, domain: str = "") -> int | None:
+        """The imported version of ``domain`` (``""`` and ``"ai.onnx"`` alike), ``None`` if not imported."""
+        same = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)
+        return next((version for d, version in self.opset_imports if d in same), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: ir.Model
+    info: ModelInfo
+
+
+def _input(value: onnx.ValueInfoProto) -> ModelInput:
+    if not value.type.HasField("tensor_type"):
+        return ModelInput(value.name, None, ())
+    tensor_type = value.type.tensor_type
+    shape = tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+        for d in tensor_type.shape.dim
+    )
+    return ModelInput(value.name, tensor_type.elem_type, shape)
+
+
+def _info(path: str | os.PathLike, sha256: str, proto: onnx.ModelProto) -> ModelInfo:
+    graph = proto.graph
+    tables = {t.name: t.dims[0] for t in graph.initializer if t.dims}
+    vocab = next((int(tables[n.input[0]]) for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
+                  and n.input[1] == "input_ids" and n.input[0] in tables), None)
+    files = [e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"]
     constants = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in constants]
+    return ModelInfo(
+        path=os.fspath(path),
+        sha256=sha256,
+        inputs=tuple(_input(v) for v in graph.input if v.name not in constants),
+        domains=frozenset([o.domain for o in proto.opset_import] + [n.domain for n in graph.node]),
+        opset_imports=tuple((o.domain, o.version) for o in proto.opset_import),
+        external_data_files=tuple(dict.fromkeys(files)),
+        vocab_size=vocab,
+    )
+
+
+def _read(path: str | os.PathLike, load_external_data: bool = False) -> tuple[onnx.ModelProto, ModelInfo]:
+    """The model's proto and record from one read of its file, hashed as it is read."""
+    file = Path(path)
+    if not file.exists():
+        raise OnnxpruneError(f"{file}: no such file")
+    if file.is_dir():
+        raise OnnxpruneError(f"{file}: is a directory, not an ONNX file")
+    digest = hashlib.sha256()
+    data = bytearray()
+    try:
+        for chunk in _chunks(file):
+            digest.update(chunk)
+            data += chunk
+        proto = onnx.ModelProto.FromString(data)
+        if not proto.graph.node:
+            raise OnnxpruneError(f"{file}: not an ONNX model (no graph nodes)")
+        # The record is taken before any weight is read in, while it still says which are external.
+        info = _info(path, digest.hexdigest(), proto)
+        if load_external_data:
+            onnx.load_external_data_for_model(proto, str(file.resolve().parent))
+    # ValidationError: an external data file that is missing or outside the model's folder.
+    except (DecodeError, onnx.checker.ValidationError, RuntimeError, ValueError, OSError) as e:
+        raise OnnxpruneError(f"{file}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    return proto, info
+
+
+def read_info(model: str | os.PathLike | ModelInfo) -> ModelInfo:
+    """The model's record, its weights not loaded; a ``ModelInfo`` (a file already read) as it is."""
+    return model if isinstance(model, ModelInfo) else _read(model)[1]
 
 
 def ensure_node_names(model: onnx.ModelProto) -> None:
@@ -59,7 +155,7 @@ def ensure_node_names(model: onnx.ModelProto) -> None:
         seen.add(node.name)
 
 
-#: External tensors up to this size are read even when the weights are not (see ``load_ir``).
+#: External tensors up to this size are read even when the weights are not (see ``load_model``).
 SMALL_TENSOR_BYTES = 1024
 
 
@@ -82,36 +178,47 @@ def _load_small_external_tensors(proto: onnx.ModelProto, base_dir: Path) -> None
         del tensor.external_data[:]
 
 
-def has_external_data(model: onnx.ModelProto) -> bool:
+def _has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def load_ir(path: str | os.PathLike, load_external_data: bool = False) -> ir.Model:
-    """The model as onnx_ir, with shapes inferred and every node named.
+def load_model(path: str | os.PathLike, load_external_data: bool = False) -> LoadedModel:
+    """The model as onnx_ir, with shapes inferred and every node named, and its record, from one
+    read of the file.
 
     External weights stay on disk (onnx_ir reads a tensor when asked for its values), so a model
     over 2 GB loads in moments; only tensors of at most ``SMALL_TENSOR_BYTES`` are read up front,
     so that shape inference and the rules see shapes and scales. ``load_external_data=True``
     reads every weight into memory instead.
     """
-    proto = load_proto(path, load_external_data=load_external_data)
-    if has_external_data(proto):
-        _load_small_external_tensors(proto, Path(path).resolve().parent)
+    proto, info = _read(path, load_external_data)
+    base_dir = Path(path).resolve().parent
+    if _has_external_data(proto):
+        _load_small_external_tensors(proto, base_dir)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are a help for matching, not a requirement
         pass
     ensure_node_names(proto)
     model = ir.serde.deserialize_model(proto)
-    if has_external_data(proto):
-        ir.external_data.set_base_dir(model.graph, Path(path).resolve().parent)
-    return model
+    if _has_external_data(proto):
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return LoadedModel(model, info)
 
 
-def uses_domain(path: str | os.PathLike, domain: str) -> bool:
-    """Whether the model imports ``domain`` or has a node in it (weights not loaded)."""
-    proto = load_proto(path, load_external_data=False)
-    return any(o.domain == domain for o in proto.opset_import) or any(n.domain == domain for n in proto.graph.node)
+# Thin wrappers over the loader for callers not yet moved to ``load_model``/``read_info``.
+
+
+def load_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    return _read(path, load_external_data)[0]
+
+
+def load_ir(path: str | os.PathLike, load_external_data: bool = False) -> ir.Model:
+    return load_model(path, load_external_data).model
+
+
+def input_names(path: str | os.PathLike) -> list[str]:
+    return read_info(path).input_names
 
 
 def uses_external_data(model: ir.Model) -> bool:

@@ -1,4 +1,4 @@
-"""Synthetic inputs for any model, read from its graph inputs (weights not loaded): token ids
+"""Synthetic inputs for any model, read from its record (``ModelInfo``, weights not loaded): token ids
 inside the embedding table, attention masks, float tensors; symbolic axes become the batch (the
 first axis) or the sequence length (every other one)."""
 
@@ -12,7 +12,7 @@ import onnx
 
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import load_proto
+from onnxprune.model_io import ModelInfo, read_info
 
 #: Token ids stay below this when the embedding table's size cannot be read.
 DEFAULT_VOCAB = 100
@@ -25,25 +25,16 @@ class InputSpec:
     dims: list[int | None]  # None: symbolic or unknown
 
 
-def input_specs(path: str | os.PathLike) -> tuple[list[InputSpec], int]:
+def input_specs(model: str | os.PathLike | ModelInfo) -> tuple[list[InputSpec], int]:
     """The model's runtime inputs, and the number of token ids its ``input_ids`` may take."""
-    graph = load_proto(path, load_external_data=False).graph
-    constants = {t.name: list(t.dims) for t in graph.initializer}
+    info = read_info(model)
     specs = []
-    for value in graph.input:
-        if value.name in constants:
-            continue
-        tensor_type = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
+    for value in info.inputs:
+        if value.elem_type is None:
             raise OnnxpruneError(f"input {value.name!r} is not a tensor; synthetic inputs cover tensors only (pass --data)")
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims))
-    vocab = DEFAULT_VOCAB
-    for node in graph.node:  # the embedding lookup: Gather(table, input_ids)
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" and node.input[0] in constants:
-            vocab = int(constants[node.input[0]][0])
-            break
-    return specs, vocab
+        dims = [d if isinstance(d, int) else None for d in value.shape]
+        specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(value.elem_type), dims))
+    return specs, DEFAULT_VOCAB if info.vocab_size is None else info.vocab_size
 
 
 def _shape(spec: InputSpec, batch: int, seq_len: int) -> tuple[int, ...]:
@@ -69,9 +60,9 @@ def synthetic_feeds(specs: list[InputSpec], vocab: int, batch: int, seq_len: int
     return feeds
 
 
-def synthetic_dataset(path: str | os.PathLike, count: int, seq_len: int, seed: int = 0) -> Dataset:
+def synthetic_dataset(model: str | os.PathLike | ModelInfo, count: int, seq_len: int, seed: int = 0) -> Dataset:
     """``count`` random examples of ``seq_len`` positions (padded masks), as a ``Dataset``."""
-    specs, vocab = input_specs(path)
+    specs, vocab = input_specs(model)
     batch = synthetic_feeds(specs, vocab, count, seq_len, seed=seed, padded=True)
     examples = [{name: array[i] for name, array in batch.items()} for i in range(count)]
     return Dataset(examples, [s.name for s in specs])

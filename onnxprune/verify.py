@@ -11,7 +11,7 @@ import numpy as np
 from onnxprune import op_schema
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import uses_domain
+from onnxprune.model_io import ModelInfo, read_info
 from onnxprune.progress import progress
 from onnxprune.runtime import run, session
 
@@ -50,16 +50,16 @@ def _valid_rows(output: np.ndarray, mask: np.ndarray | None) -> list[np.ndarray]
     return rows
 
 
-def library_use(model: str | os.PathLike, choice: str, which: str) -> bool:
+def library_use(model: str | os.PathLike | ModelInfo, choice: str, which: str) -> bool:
     """``choice``: ``auto`` (where the model has onnxprune ops), ``none``, or ``a``/``b`` (only that model)."""
     if choice == "auto":
-        return uses_domain(model, op_schema.DOMAIN)
+        return read_info(model).uses_domain(op_schema.DOMAIN)
     return choice == which
 
 
 def compare_outputs(
-    a: str | os.PathLike, b: str | os.PathLike, dataset: Dataset, atol: float = 1e-4, rtol: float = 1e-3,
-    batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
+    a: str | os.PathLike | ModelInfo, b: str | os.PathLike | ModelInfo, dataset: Dataset,
+    atol: float = 1e-4, rtol: float = 1e-3, batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
     providers: Sequence[str] | None = None, library: str = "auto",
 ) -> list[OutputComparison]:
     """Run both models on every batch and compare B to A (the reference).
@@ -69,8 +69,9 @@ def compare_outputs(
     positions are left out. ``library`` says which model runs with onnxprune's library (see
     ``library_use``); without it a pruned model runs its op's function body.
     """
-    sess_a = session(a, providers=providers, threads=threads, with_library=library_use(a, library, "a"))
-    sess_b = session(b, providers=providers, threads=threads, with_library=library_use(b, library, "b"))
+    a, b = read_info(a), read_info(b)
+    sess_a = session(a.path, providers=providers, threads=threads, with_library=library_use(a, library, "a"))
+    sess_b = session(b.path, providers=providers, threads=threads, with_library=library_use(b, library, "b"))
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
     if names_a != names_b:
@@ -80,7 +81,7 @@ def compare_outputs(
     total = -(-len(dataset) // batch_size)
     for feeds in progress(dataset.batches(batch_size), total=total, desc="verifying", unit="batch", enabled=show_progress):
         mask = feeds.get("attention_mask")
-        for name, x, y in zip(names_a, run(sess_a, feeds, a), run(sess_b, feeds, b)):
+        for name, x, y in zip(names_a, run(sess_a, feeds, a.path), run(sess_b, feeds, b.path)):
             if np.shape(x) != np.shape(y):
                 raise OnnxpruneError(f"output {name!r} has shape {list(np.shape(x))} in A but {list(np.shape(y))} in B")
             s = stats[name]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
 import cli_models as models
-from onnxprune.synthetic import input_specs, synthetic_dataset, synthetic_feeds
+from onnxprune.errors import OnnxpruneError
+from onnxprune.model_io import read_info
+from onnxprune.synthetic import DEFAULT_VOCAB, input_specs, synthetic_dataset, synthetic_feeds
 
 
 def token_model(vocab: int) -> onnx.ModelProto:
@@ -49,3 +52,30 @@ def test_static_axes_are_kept(tmp_path):
     dataset = synthetic_dataset(path, count=5, seq_len=9)
     (batch,) = list(dataset.batches(8))
     assert batch["X"].shape == (5, 9, models.HIDDEN) and batch["attention_mask"].shape == (5, 9)
+
+
+def test_specs_from_the_record(tmp_path):
+    path = models.save(token_model(vocab=37), tmp_path / "tokens.onnx")
+    info = read_info(path)
+    assert input_specs(info) == input_specs(path)
+    specs, vocab = input_specs(info)
+    assert vocab == 37 and [s.dims for s in specs] == [[None, None], [None, None]]  # symbolic axes
+    dataset = synthetic_dataset(info, count=2, seq_len=5)
+    assert dataset.input_names == ["input_ids", "attention_mask"]
+
+
+def test_without_an_embedding_table(tmp_path):
+    path = models.save(models.mlp(), tmp_path / "mlp.onnx")
+    specs, vocab = input_specs(path)
+    assert vocab == DEFAULT_VOCAB and [(s.name, s.dims) for s in specs] == [("X", [None, models.HIDDEN])]
+
+
+def test_non_tensor_input_is_refused(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("SequenceLength", ["tokens"], ["n"])], "g",
+        [helper.make_tensor_sequence_value_info("tokens", T.INT64, None)],
+        [helper.make_tensor_value_info("n", T.INT64, [])],
+    )
+    path = models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "s.onnx")
+    with pytest.raises(OnnxpruneError, match="'tokens' is not a tensor"):
+        input_specs(path)

@@ -15,7 +15,9 @@ import cli_models as models
 from json_schema import assert_valid
 from onnxprune.cli import main
 from onnxprune.data import Dataset
-from onnxprune.verify import compare_outputs
+from onnxprune.errors import OnnxpruneError
+from onnxprune.model_io import read_info
+from onnxprune.verify import compare_outputs, library_use
 
 #: A's outputs on the one example below, and how far B is from each.
 REFERENCE = np.array([1.0, 100.0, 0.0, 5.0], np.float32)
@@ -62,6 +64,17 @@ def test_elementwise_rule(pair, atol, rtol, failed):
     assert r.max_rel == pytest.approx(0.5) and r.mean_rel == pytest.approx((0.5 + 0.005 + 0) / 3)
     assert r.cosine_min == pytest.approx(float(REFERENCE @ (REFERENCE + OFFSETS)) / (
         np.linalg.norm(REFERENCE) * np.linalg.norm(REFERENCE + OFFSETS)), rel=1e-6)
+
+
+def test_records_in_place_of_paths(pair):
+    by_path = compare_outputs(*pair, one_example(), atol=0.1, rtol=0.01, show_progress=False)
+    by_record = compare_outputs(*map(read_info, pair), one_example(), atol=0.1, rtol=0.01, show_progress=False)
+    assert by_record == by_path
+
+
+def test_missing_model_is_named(pair, tmp_path):
+    with pytest.raises(OnnxpruneError, match=f"{tmp_path / 'absent.onnx'}: no such file"):
+        compare_outputs(pair[0], tmp_path / "absent.onnx", one_example(), show_progress=False)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
@@ -126,6 +139,13 @@ def test_kernel_against_function_body(encoder, capsys, library, expected):
                       "--limit", "4", "--atol", "1e-5", "--rtol", "1e-5", code=0)
     assert report["library"] == expected and report["examples"] == 4
     assert report["data"].startswith("random")
+
+
+def test_library_from_the_record(encoder):
+    dense, pruned = read_info(encoder["dense"]), read_info(encoder["pruned"])
+    assert (library_use(dense, "auto", "a"), library_use(pruned, "auto", "b")) == (False, True)
+    assert (library_use(dense, "a", "a"), library_use(pruned, "a", "b"), library_use(pruned, "none", "b")) == (
+        True, False, False)
 
 
 def test_text_table(encoder, capsys):
