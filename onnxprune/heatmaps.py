@@ -143,8 +143,8 @@ def attention_figure(site: SiteHeatmap):
     figure, axes, per_row = _site_figure(heads)
     for h, (ax, head) in enumerate(zip(axes.flat, attention)):
         # at most four decades below the peak; less (and none) is drawn as the bottom of the scale
-        image = ax.imshow(np.maximum(head, norm.vmin), cmap="magma", norm=norm, extent=extent,
-                          interpolation="nearest")
+        # matplotlib's default interpolation: antialiased where a panel has fewer pixels than cells
+        image = ax.imshow(np.maximum(head, norm.vmin), cmap="magma", norm=norm, extent=extent)
         if pruned is not None:
             veil = np.zeros((lq, lk, 4))
             veil[..., 3] = pruned[h if len(pruned) > 1 else 0] * _PRUNED_VEIL
