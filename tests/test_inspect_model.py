@@ -18,7 +18,7 @@ from json_schema import assert_valid
 from onnxprune.cli import main
 from onnxprune.inspect_model import inspect
 from onnxprune.inspect_report import format_report
-from onnxprune.png import SIGNATURE
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,11 @@ def check_png(path) -> tuple[int, int]:
         tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
         (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
         assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, tag
-        chunks[tag] = body
+        chunks[tag] = chunks.get(tag, b"") + body  # image data may span several IDAT chunks
         pos += 12 + length
     assert list(chunks)[-1] == b"IEND"
     width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    channels = {0: 1, 2: 3}[color]
+    channels = {0: 1, 2: 3, 6: 4}[color]  # gray, RGB, RGBA
     assert depth == 8 and width > 0 and height > 0
     assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + width * channels)
     return width, height

@@ -5,10 +5,13 @@ made-up ones with the real schema), so that a broken report fails here and not a
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 
 import pytest
+
+from onnxprune.errors import OnnxpruneError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 results = pytest.importorskip("results")
@@ -55,6 +58,7 @@ def _write_inputs(out: Path) -> None:
 
 
 def test_report_writes_every_section_and_valid_plots(tmp_path):
+    pytest.importorskip("matplotlib")
     out, docs = tmp_path / "out", tmp_path / "docs"
     out.mkdir()
     _write_inputs(out)
@@ -71,9 +75,53 @@ def test_report_writes_every_section_and_valid_plots(tmp_path):
     assert "| minilm | 256 | 0.9 | 8.00 | 7.50–9.00 | 1.25× |" in text
     assert "| minilm | 256 | dense | 10.00 |" in text and "| minilm | 256 | 0 (the op, nothing pruned) | 9.00 |" in text
     assert "`0.9:embedding:100000:0.0001:none:calibration`" in text
-    for image in text.split("](results/")[1:]:
-        name = image.split(")")[0]
-        assert (docs / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    images = [image.split(")")[0] for image in text.split("](results/")[1:]]
+    assert sorted(images) == sorted(p.name for p in (docs / "results").iterdir()) == FIGURES
+    for name in images:
+        data = (docs / "results" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        width, height = struct.unpack(">II", data[16:24])
+        assert 600 <= width <= 1600 and 400 <= height <= 1000, (name, width, height)
+
+
+FIGURES = ["decoder_perplexity.png", "minilm_blocks.png", "minilm_cosine.png", "minilm_scopes.png",
+           "recover_loss.png", "speed.png"]
+
+
+def test_figures_have_labelled_axes_and_legends(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import onnxprune.figures
+
+    drawn = {}
+    monkeypatch.setattr(onnxprune.figures, "save_figure", lambda figure, path: drawn.__setitem__(Path(path).name, figure))
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_inputs(out)
+    results.run_report(out, quick=False, docs=tmp_path / "docs")
+    assert sorted(drawn) == FIGURES
+    for name, figure in drawn.items():
+        (ax,) = figure.axes
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), name
+        assert len([t for t in ax.get_yticklabels() if t.get_text()]) >= 3, name
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert len(legend) == len(ax.get_lines()), name  # every line is named
+    legend = lambda name: [t.get_text() for t in drawn[name].axes[0].get_legend().get_texts()]  # noqa: E731
+    assert results.REFERENCE_LABEL in legend("minilm_cosine.png")
+    assert legend("minilm_blocks.png") == ["block 16", "block 32", "block 64", "element-level mask"]
+    assert legend("minilm_scopes.png") == ["scope layer", "scope head", "scope global"]
+    assert "dense (1×)" in legend("speed.png") and "dense, LM fine-tuned as long (baseline)" in legend("decoder_perplexity.png")
+    assert legend("recover_loss.png") == ["docstrings, 30 min (50 steps), peak lr 0.0001", "calibration, 50 steps, peak lr 0.0001"]
+    assert drawn["recover_loss.png"].axes[0].get_yscale() == "log"
+
+
+def test_report_without_matplotlib_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_inputs(out)
+    with pytest.raises(OnnxpruneError, match=r"pip install 'onnxprune\[plots\]'"):
+        results.run_report(out, quick=False, docs=tmp_path / "docs")
+    assert not (tmp_path / "docs").exists()
 
 
 def test_recover_run_specs_parse_and_name_their_files():

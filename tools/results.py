@@ -552,45 +552,60 @@ def run_speed(out: Path, quick: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# report: docs/RESULTS.md and grayscale PNG plots (onnxprune's own PNG writer; no plotting library)
+# report: docs/RESULTS.md and its figures (matplotlib, the `plots` extra)
 
 #: The issue's reference run (plain PyTorch): p → (mean cosine, top-1 agreement).
 REFERENCE = {0.2: (0.985, 0.94), 0.5: (0.904, 0.86), 0.8: (0.687, 0.72), 0.9: (0.618, 0.66)}
 REFERENCE_RECOVERED = {0.5: 0.986, 0.9: 0.962}
+REFERENCE_LABEL = "reference (the issue's PyTorch run), at its nominal p"
+
+#: One marker per curve as well as one colour, so that curves stay apart in grayscale print.
+_MARKERS = "osD^vP"
 
 
-def plot(path: Path, series, xlim, ylim, ticks=(0.1, 0.1), size=(480, 360)) -> None:
-    """Lines with markers on a grid. ``series``: (xs, ys, gray level, marker) with marker one of
-    'square', 'circle', 'triangle', 'cross'; gridlines every ``ticks`` data units."""
-    from onnxprune.png import write_png
+@dataclasses.dataclass
+class Curve:
+    """One line of a plot. ``reference``: a value to compare against, not a result of this run
+    (drawn dashed and gray); ``markers``: how many points carry a marker (None: every point)."""
 
-    width, height = size
-    margin = 20
-    image = np.ones((height, width))
-    to_px = lambda x, y: (margin + (x - xlim[0]) / (xlim[1] - xlim[0]) * (width - 2 * margin),  # noqa: E731
-                          height - margin - (y - ylim[0]) / (ylim[1] - ylim[0]) * (height - 2 * margin))
-    for value in np.arange(xlim[0], xlim[1] + 1e-9, ticks[0]):
-        image[margin : height - margin, int(round(to_px(value, 0)[0]))] = 0.82
-    for value in np.arange(ylim[0], ylim[1] + 1e-9, ticks[1]):
-        image[int(round(to_px(0, value)[1])), margin : width - margin] = 0.82
-    image[height - margin, margin : width - margin + 1] = 0.0
-    image[margin : height - margin + 1, margin] = 0.0
-    for xs, ys, gray, marker in series:
-        points = [to_px(x, y) for x, y in zip(xs, ys)]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            for t in np.linspace(0, 1, int(max(abs(x1 - x0), abs(y1 - y0))) * 2 + 2):
-                px, py = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-                image[max(py - 1, 0) : py + 1, max(px - 1, 0) : px + 1] = gray
-        for px, py in points:
-            px, py = int(round(px)), int(round(py))
-            yy, xx = np.mgrid[-5:6, -5:6]
-            shape = {"square": (abs(xx) <= 4) & (abs(yy) <= 4), "circle": xx**2 + yy**2 <= 20,
-                     "triangle": (yy >= -4) & (yy <= 4) & (abs(xx) <= (yy + 5) / 2),
-                     "cross": (abs(xx - yy) <= 1) | (abs(xx + yy) <= 1)}[marker]
-            for dy, dx in zip(yy[shape], xx[shape]):
-                if 0 <= py + dy < height and 0 <= px + dx < width:
-                    image[py + dy, px + dx] = gray
-    write_png(path, image)  # atomic: a half-written plot never replaces the last one
+    label: str
+    xs: list
+    ys: list
+    reference: bool = False
+    markers: int | None = None
+
+
+def plot(path: Path, curves: list[Curve], title: str, xlabel: str, ylabel: str, *, levels=(), ylog=False,
+         xlim=None, ylim=None) -> None:
+    """A line chart with its axes, labels and a legend naming every curve. ``levels``: (label, y)
+    horizontal lines (a baseline such as the dense model's)."""
+    from onnxprune.figures import new_figure, save_figure
+
+    figure = new_figure(6.4, 4.2, dpi=150)
+    ax = figure.subplots()
+    colours = iter(f"C{i}" for i in range(10))
+    for index, curve in enumerate(curves):
+        style = (dict(color="0.45", linestyle="--", marker="x", markersize=7) if curve.reference else
+                 dict(color=next(colours), marker=_MARKERS[index % len(_MARKERS)], markersize=5))
+        every = None if curve.markers is None else max(1, len(curve.xs) // curve.markers)
+        ax.plot(curve.xs, curve.ys, label=curve.label, linewidth=1.5, markevery=every, **style)
+    for label, y in levels:
+        ax.axhline(y, color="0.3", linestyle=":", linewidth=1.2, label=label)
+    if ylog:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        # 1-2-5 ticks in plain decimals: readable without counting decades
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlim=xlim, ylim=ylim)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.legend(fontsize=8, framealpha=0.9)
+    save_figure(figure, path)  # atomic: a half-written plot never replaces the last one
 
 
 def _f(value, digits=4) -> str:
@@ -675,25 +690,21 @@ def recover_section(runs: list[dict], sweep, figures: Path) -> list[str]:
               "loss did best on this metric, per-layer hidden states next, adding attention outputs last, by small "
               "margins. `recover` defaults to `hidden` because it also serves models whose every token's output matters "
               "(the GPT-2 below); `--objective embedding` suits sentence-embedding models."]
-    styles = [(0.0, "square"), (0.3, "circle"), (0.5, "triangle"), (0.65, "cross"), (0.2, "cross"), (0.75, "circle")]
-    plotted = [r for r in runs if r["p"] == 0.9 and r["objective"] == "embedding"][: len(styles)]
+    plotted = [r for r in runs if r["p"] == 0.9 and r["objective"] == "embedding"][: len(_MARKERS)]
     if plotted:
-        series, legend = [], []
-        for r, (gray, marker) in zip(plotted, styles):
+        curves = []
+        for r in plotted:
             losses = np.asarray(r["losses"])
             smooth = [float(losses[max(0, i - 24) : i + 1].mean()) for i in range(len(losses))]
-            picks = np.unique(np.linspace(0, len(smooth) - 1, 15).astype(int))
-            series.append(([i + 1 for i in picks], [np.log10(max(smooth[i], 1e-4)) for i in picks], gray, marker))
-            legend.append(f"{'black' if gray == 0 else f'gray {gray}'} {marker}: {r.get('corpus', 'calibration')}, "
-                          f"{r['steps']} steps")
-        longest = max(len(r["losses"]) for r in plotted)
-        tick = 10 ** int(np.floor(np.log10(max(longest, 10)))) // (1 if longest >= 300 else 2) or 10
-        plot(figures / "recover_loss.png", series, (0, longest), (-3, 0), ticks=(tick, 0.5))
+            budget = f"{r['minutes']:g} min ({r['steps']} steps)" if r.get("minutes") else f"{r['steps']} steps"
+            curves.append(Curve(f"{r.get('corpus', 'calibration')}, {budget}, peak lr {r.get('lr', 1e-4):g}",
+                                list(range(1, len(smooth) + 1)), smooth, markers=12))
+        plot(figures / "recover_loss.png", curves, "Recover at p = 0.9, embedding objective: training loss",
+             "training step", "training loss, 1 − cosine (mean of the last 25 steps)", ylog=True)
         lines += ["", "![recovery loss](results/recover_loss.png)", "",
-                  f"*Training loss at p = 0.9, embedding objective (y: log10 of 1 − cosine, -3 to 0, gridlines every "
-                  f"0.5; mean of the last 25 steps) against steps (x: 0 to {longest}, every {tick}); "
-                  + "; ".join(legend) + ". A low training loss on little text is overfitting, not recovery: compare "
-                  "the held-out cosine in the table.*", ""]
+                  "*Training loss at p = 0.9, embedding objective, against steps, one curve per run (log scale; each "
+                  "point the mean of the last 25 steps). A low training loss on little text is overfitting, not "
+                  "recovery: compare the held-out cosine in the table.*", ""]
     return lines
 
 
@@ -714,24 +725,27 @@ def speed_section(speed, figures: Path) -> list[str]:
               "dense attention). Where the p10–p90 ranges overlap, the medians differ by less than the machine's "
               "noise.", "",
               "| model | length | p | median ms | p10–p90 ms | speed-up vs dense |", "|---|---|---|---|---|---|"]
-    series = []
-    for (name, entry), (gray, marker) in zip(speed["models"].items(), ((0.0, "square"), (0.45, "circle"))):
+    curves = []
+    for name, entry in speed["models"].items():
         for r in entry["rows"]:
             label = "dense" if r["p"] is None else ("0 (the op, nothing pruned)" if r["p"] == 0 else r["p"])
             lines.append(f"| {name} | {entry['length']} | {label} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}–"
                          f"{r['p90_ms']:.2f} | {r['speedup']:.2f}× |")
         pruned = [r for r in entry["rows"] if r["p"] is not None]
-        series.append(([r["p"] for r in pruned], [r["speedup"] for r in pruned], gray, marker))
-    top = float(np.ceil(max(max(s[1]) for s in series) * 2) / 2)
-    plot(figures / "speed.png", series, (0, 1), (0, max(top, 1.5)), ticks=(0.1, 0.5))
+        curves.append(Curve(f"{name}, {entry['length']} tokens", [r["p"] for r in pruned], [r["speedup"] for r in pruned]))
+    top = max(max(c.ys) for c in curves)
+    plot(figures / "speed.png", curves, "Whole models in ONNX Runtime: speed-up over dense", "p of the pruned model",
+         "speed-up over the dense model (×)", levels=[("dense (1×)", 1.0)], xlim=(-0.02, 1), ylim=(0, max(top * 1.1, 1.5)))
     lines += ["", "![speed-up vs p](results/speed.png)", "",
-              f"*Whole-model speed-up over dense (y, 0 to {max(top, 1.5):g}, gridlines every 0.5) against p of the "
-              "pruned models (x, 0 to 1; dense is 1): "
-              "black squares MiniLM at 256 tokens, gray circles the decoder at 512 bytes.*", ""]
+              "*Whole-model speed-up over dense against p of the pruned models; p = 0 is the rewritten model with "
+              "nothing pruned. The decoder's tokens are bytes.*", ""]
     return lines
 
 
 def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
+    from onnxprune.figures import require_matplotlib
+
+    require_matplotlib()  # before anything is written
     figures = docs / "results"
     figures.mkdir(parents=True, exist_ok=True)
     load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
@@ -803,21 +817,20 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
                 cells = [f"{by_p[q]['cosine_mean']:.4f} ({by_p[q]['effective_sparsity_held_out']:.2f})" if q in by_p else "—"
                          for q in SPARSITIES[1:]]
                 lines.append(f"| {block if kind == 'block' else 'element'} | {scope} | " + " | ".join(cells) + " |")
-        for name, variants, what in (
-                ("minilm_blocks.png", [(("block", b, "layer"), g, m) for b, g, m in ((16, 0.0, "square"), (32, 0.3, "circle"),
-                                                                                     (64, 0.55, "triangle"))]
-                 + [(("element", 1, "layer"), 0.7, "cross")],
-                 "scope layer; black squares block 16, gray circles block 32, gray triangles block 64, light crosses the "
-                 "element-level mask"),
-                ("minilm_scopes.png", [(("block", 16, s), g, m) for s, g, m in (("layer", 0.0, "square"), ("head", 0.35, "circle"),
-                                                                                ("global", 0.6, "triangle"))],
-                 "block 16; black squares scope layer, gray circles scope head, light triangles scope global")):
-            series = [([r["p"] for r in pick(*key)], [r["cosine_mean"] for r in pick(*key)], gray, marker)
-                      for key, gray, marker in variants if len(pick(*key)) >= 2]
-            if series:
-                plot(figures / name, series, (0, 1), (0.75, 1.0), ticks=(0.1, 0.025))
+        cosine_axis = "mean cosine to the dense embeddings (held-out)"
+        p_axis = "p (fraction of the layout's blocks pruned)"
+        for name, title, variants, what in (
+                ("minilm_blocks.png", "MiniLM, scope layer: block sizes",
+                 [(f"block {b}", ("block", b, "layer")) for b in BLOCKS] + [("element-level mask", ("element", 1, "layer"))],
+                 "scope layer, by block size and for the element-level mask"),
+                ("minilm_scopes.png", "MiniLM, block 16: scopes", [(f"scope {s}", ("block", 16, s)) for s in SCOPES],
+                 "block 16, by scope")):
+            curves = [Curve(label, [r["p"] for r in pick(*key)], [r["cosine_mean"] for r in pick(*key)])
+                      for label, key in variants if len(pick(*key)) >= 2]
+            if curves:
+                plot(figures / name, curves, title, p_axis, cosine_axis, xlim=(-0.02, 1))
                 lines += ["", f"![cosine vs p]({'results/' + name})", "",
-                          f"*Mean cosine (y, 0.75 to 1, gridlines every 0.025) against p (x, 0 to 1, every 0.1): {what}.*"]
+                          f"*Mean cosine on the held-out docstrings against p: {what}.*"]
         lines.append("")
         if sweep.get("product_path"):
             lines += ["", "The product path (pruned `.onnx` in ONNX Runtime with the library's kernel, block 16, scope layer):", "",
@@ -825,18 +838,15 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
                       "|---|---|---|---|"]
             for e in sweep["product_path"]:
                 lines.append(f"| {e['p']} | {e['cosine_mean']:.4f} | {e['top1_agreement']:.3f} | {e['max_abs_embedding_diff_vs_torch']:.1e} |")
-        series = []
-        for (kind, block, scope), gray, marker in ((("block", 16, "layer"), 0.0, "square"),
-                                                   (("element", 1, "layer"), 0.45, "circle")):
-            picked = pick(kind, block, scope)
-            if picked:
-                series.append(([r["effective_sparsity_held_out"] for r in picked], [r["cosine_mean"] for r in picked], gray, marker))
-        series.append((list(REFERENCE), [v[0] for v in REFERENCE.values()], 0.65, "cross"))
-        plot(figures / "minilm_cosine.png", series, (0, 1), (0.5, 1.0), ticks=(0.1, 0.05))
+        curves = [Curve(label, [r["effective_sparsity_held_out"] for r in pick(*key)], [r["cosine_mean"] for r in pick(*key)])
+                  for label, key in (("block 16, scope layer", ("block", 16, "layer")),
+                                     ("element-level mask, scope layer", ("element", 1, "layer"))) if pick(*key)]
+        curves.append(Curve(REFERENCE_LABEL, list(REFERENCE), [v[0] for v in REFERENCE.values()], reference=True))
+        plot(figures / "minilm_cosine.png", curves, "MiniLM: cosine against the blocks actually skipped",
+             "effective sparsity on the held-out docstrings", cosine_axis, xlim=(-0.02, 1))
         lines += ["", "![cosine vs sparsity](results/minilm_cosine.png)", "",
-                  "*Mean cosine (y, 0.5 to 1, gridlines every 0.05) against effective sparsity on the held-out inputs "
-                  "(x, 0 to 1, every 0.1). Black squares: block 16, scope layer; gray circles: element-level mask; light "
-                  "crosses: the issue's reference, plotted at its nominal p (its effective sparsity was not reported).*", ""]
+                  "*Mean cosine against effective sparsity on the held-out inputs. The issue's reference is plotted at "
+                  "its nominal p (its effective sparsity was not reported).*", ""]
     if recovered and recovered["runs"]:
         lines += recover_section(recovered["runs"], sweep, figures)
     if decoder:
@@ -871,18 +881,20 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
                           "p is. On this undertrained byte-level model the masks act as a locality prior (most of what "
                           "predicts the next byte is nearby) that speeds learning; it says the masks cost nothing when "
                           "trained with, as the paper found, not that they would improve a converged model."]
-        xs = [r["p"] for r in decoder["post_training"]]
-        series = [(xs, [r["perplexity"] for r in decoder["post_training"]], 0.0, "square")]
-        for how, gray, marker in (("recover (self-distillation)", 0.4, "circle"), ("LM fine-tune with the mask", 0.6, "triangle")):
+        curves = [Curve("post-training masks", [r["p"] for r in decoder["post_training"]],
+                        [r["perplexity"] for r in decoder["post_training"]])]
+        for how, label in (("recover (self-distillation)", "after recover (self-distillation)"),
+                           ("LM fine-tune with the mask", "after the LM fine-tune with the mask")):
             tuned = [r for r in decoder.get("fine_tuned", []) if r["how"] == how]
             if tuned:
-                series.append(([r["p"] for r in tuned], [r["perplexity"] for r in tuned], gray, marker))
-        top = float(np.ceil(max(max(s[1]) for s in series) * 2) / 2)
-        bottom = float(np.floor(min(min(s[1]) for s in series) * 2) / 2)
-        plot(figures / "decoder_perplexity.png", series, (0, 1), (bottom, top), ticks=(0.1, 0.5))
+                curves.append(Curve(label, [r["p"] for r in tuned], [r["perplexity"] for r in tuned]))
+        baseline = [("dense, LM fine-tuned as long (baseline)", r["perplexity"])
+                    for r in decoder.get("fine_tuned", []) if r["p"] == 0.0]
+        plot(figures / "decoder_perplexity.png", curves, "Small GPT-2 on stdlib source: perplexity", "p",
+             "perplexity per byte (held-out source)", levels=baseline, xlim=(-0.02, 1))
         lines += ["", "![perplexity vs p](results/decoder_perplexity.png)", "",
-                  f"*Perplexity (y, {bottom:g} to {top:g}, gridlines every 0.5) against p (x, 0 to 1): black squares "
-                  "post-training masks, gray circles after recover, light triangles after the masked LM fine-tune.*", ""]
+                  "*Held-out perplexity against p: post-training masks, after recover, and after the language-model "
+                  "fine-tune with the mask, beside the dense model fine-tuned for as many steps.*", ""]
     lines += speed_section(load("speed.json"), figures)
     extra = [json.loads(f.read_text()) for f in sorted(out.glob("recover.*.json"))]
     lines += ["## Reproduce", "",
