@@ -17,10 +17,11 @@ LIBRARY_CHOICES = ("auto", "none", "a", "b")
 
 
 def _installed_library() -> list[Path]:
-    """The library as the installed distribution's file list (RECORD) names it.
+    """The library where the installed distribution's file list (RECORD) puts it.
 
-    Python run from a checkout imports the source tree, which has no built ``lib/``, ahead of
-    the installed package; the library installed with it is still the one built from it.
+    Python run in a checkout's root imports the source tree, which has no built ``lib/``, ahead
+    of the installed package; the installed distribution still holds the library that
+    ``pip install .`` (``make install``) built.
     """
     from importlib import metadata
 

@@ -95,4 +95,5 @@ def test_one_version_source():
 
 def test_the_build_backend_reads_that_version():
     regex = pytest.importorskip("scikit_build_core.metadata.regex")
-    assert regex.dynamic_metadata("version", {"input": str(ROOT / "onnxprune" / "__init__.py")}) == onnxprune.__version__
+    version = regex.dynamic_metadata("version", {"input": str(ROOT / "onnxprune" / "__init__.py")})
+    assert version == onnxprune.__version__

@@ -23,7 +23,8 @@ model's sites show their block layout, density and retained attention mass."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="any .onnx")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema onnxprune.inspect/1, docs/CLI.md)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (schema onnxprune.inspect/1, docs/CLI.md)")
     p.add_argument("--heatmaps", metavar="DIR", help="write PNGs here: each pruned site's layout and, with --stats, "
                                                      "each site's average attention (pruned blocks dimmed)")
     p.add_argument("--stats", metavar="FILE", help="calibration statistics: average attention per site for --heatmaps, "
