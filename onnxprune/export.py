@@ -15,6 +15,9 @@ import numpy as np
 from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import atomic_path
 
+#: transformers' ``attn_implementation`` values a model directory is exported with.
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
 
 @dataclasses.dataclass
 class ExportReport:
@@ -114,6 +117,15 @@ def export(
     attn: str = "eager",
     log=print,
 ) -> ExportReport:
+    """Export ``model`` to ``output`` and check the ONNX model against PyTorch on padded inputs.
+
+    ``model`` is a transformers model directory (loaded with ``attn``, one of
+    ``ATTENTION_IMPLEMENTATIONS``, and traced on inputs of ``seq_len`` positions) or
+    ``module:function`` returning ``(nn.Module, inputs dict)``. The dynamo exporter is tried
+    first, TorchScript's when it fails; the report says which one wrote the file.
+    """
+    if attn not in ATTENTION_IMPLEMENTATIONS:
+        raise OnnxpruneError(f"attn must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn!r}")
     import torch
 
     source = str(model)

@@ -10,17 +10,40 @@ from onnxprune.errors import OnnxpruneError
 
 _LIBRARY_NAME = "libonnxprune_ops.so"
 
+#: Which models of a comparison run with the library (``verify``/``bench`` ``--library``):
+#: ``auto`` (those with onnxprune ops), ``none`` (pruned models run their op's function body),
+#: ``a``/``b`` (only the first/second model).
+LIBRARY_CHOICES = ("auto", "none", "a", "b")
+
+
+def _installed_library() -> list[Path]:
+    """The library where the installed distribution's file list (RECORD) puts it.
+
+    Python run in a checkout's root imports the source tree, which has no built ``lib/``, ahead
+    of the installed package; the installed distribution still holds the library that
+    ``pip install .`` (``make install``) built.
+    """
+    from importlib import metadata
+
+    try:
+        installed = metadata.distribution("onnxprune")
+    except metadata.PackageNotFoundError:
+        return []
+    return [Path(installed.locate_file(f)) for f in installed.files or [] if f.name == _LIBRARY_NAME]
+
 
 def _candidates() -> list[Path]:
+    """Where the library may be, in order: ``ONNXPRUNE_LIBRARY``, the imported package's
+    ``lib/`` (also the redirect of an editable install), the installed distribution's file."""
     package_dir = Path(__file__).resolve().parent
     found = []
     if os.environ.get("ONNXPRUNE_LIBRARY"):
         found.append(Path(os.environ["ONNXPRUNE_LIBRARY"]))
     import onnxprune
 
-    # The installed package (also the redirect of an editable install) holds lib/.
     for entry in getattr(onnxprune, "__path__", [str(package_dir)]):
         found.append(Path(entry) / "lib" / _LIBRARY_NAME)
+    found.extend(c for c in _installed_library() if c not in found)
     return found
 
 
@@ -29,12 +52,13 @@ def library_path() -> str:
 
     ``ONNXPRUNE_LIBRARY`` overrides it (a library built by hand, say).
     """
-    for candidate in _candidates():
+    candidates = _candidates()
+    for candidate in candidates:
         if candidate.is_file():
             return str(candidate)
     raise OnnxpruneError(
         "onnxprune's custom-op library is not built (looked in "
-        + ", ".join(str(c) for c in _candidates())
+        + ", ".join(str(c) for c in candidates)
         + "); install the package with `pip install .` or run `make install`"
     )
 

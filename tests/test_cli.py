@@ -107,7 +107,7 @@ def test_bench_side_by_side(workspace, capsys):
     assert "model.onnx" in out and "pruned.onnx" in out
 
 
-VERBS = ("export", "calibrate", "prune", "inspect", "verify", "bench", "demo")
+VERBS = ("export", "calibrate", "prune", "inspect", "verify", "bench", "demo", "recover")
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -206,3 +206,76 @@ def test_debug_shows_traceback(workspace, tmp_path):
     with pytest.raises(OnnxpruneError):
         main(["prune", str(tmp_path / "nope.onnx"), "--stats", str(workspace["stats"]), "-p", "0.5",
               "-o", str(tmp_path / "x.onnx"), "--debug"])
+
+
+def test_version(capsys):
+    from onnxprune import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"onnxprune {__version__}"
+
+
+def _subparsers():
+    from onnxprune.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "verb"]
+    return action.choices
+
+
+def test_each_verb_dispatches_to_its_handler():
+    from onnxprune.commands import VERBS as COMMANDS
+
+    subparsers = _subparsers()
+    assert list(subparsers) == [v.name for v in COMMANDS] and set(subparsers) == set(VERBS)
+    for verb in COMMANDS:
+        assert subparsers[verb.name].get_default("func") is verb.run
+
+
+def _choices(verb: str, flag: str) -> tuple:
+    (action,) = [a for a in _subparsers()[verb]._actions if flag in a.option_strings]
+    return tuple(action.choices)
+
+
+def test_choices_are_the_library_constants():
+    from onnxprune.export import ATTENTION_IMPLEMENTATIONS
+    from onnxprune.layouts import SCOPES
+    from onnxprune.op_schema import BLOCK_SIZES
+    from onnxprune.recover import OBJECTIVES
+    from onnxprune.runtime import LIBRARY_CHOICES
+
+    assert _choices("prune", "--block-size") == _choices("demo", "--block-size") == BLOCK_SIZES
+    assert _choices("prune", "--scope") == SCOPES
+    assert _choices("export", "--attn") == ATTENTION_IMPLEMENTATIONS
+    assert _choices("verify", "--library") == _choices("bench", "--library") == LIBRARY_CHOICES
+    assert _choices("recover", "--objective") == OBJECTIVES
+
+
+def test_block_size_outside_the_op_schema_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "m.onnx", "--stats", "s.safetensors", "-p", "0.5", "--block-size", "48", "-o", str(tmp_path / "p.onnx")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 48" in capsys.readouterr().err
+
+
+def _raising(error: BaseException):
+    def raise_it(*args, **kwargs):
+        raise error
+
+    return raise_it
+
+
+def test_unexpected_error_is_one_line_with_status_3(capsys, monkeypatch):
+    monkeypatch.setattr("onnxprune.commands.inspect.inspect", _raising(RuntimeError("a bug\nover two lines")))
+    assert main(["inspect", "model.onnx"]) == 3
+    line = _error_line(capsys)
+    assert line.startswith("onnxprune inspect: error: RuntimeError: a bug over two lines") and "--debug" in line
+    with pytest.raises(RuntimeError):
+        main(["inspect", "model.onnx", "--debug"])
+
+
+def test_interrupt_exits_130(capsys, monkeypatch):
+    monkeypatch.setattr("onnxprune.commands.inspect.inspect", _raising(KeyboardInterrupt()))
+    assert main(["inspect", "model.onnx"]) == 130
+    assert _error_line(capsys) == "onnxprune: interrupted"

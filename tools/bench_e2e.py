@@ -54,7 +54,7 @@ def bert_base(max_positions: int):
 
 
 def export_dense(path: Path, max_positions: int) -> None:
-    import onnxprune.export as ex
+    from onnxprune.export import export
 
     # onnxprune.export takes a "module:function" factory; register this one under a module name.
     import types
@@ -62,7 +62,7 @@ def export_dense(path: Path, max_positions: int) -> None:
     factory = types.ModuleType("_bench_e2e_factory")
     factory.make = lambda: bert_base(max_positions)
     sys.modules["_bench_e2e_factory"] = factory
-    report = ex.export("_bench_e2e_factory:make", path, opset=20, log=lambda m: print("  " + m))
+    report = export("_bench_e2e_factory:make", path, opset=20, log=lambda m: print("  " + m))
     print(f"  exported {path} ({report.exporter}, opset {report.opset}); max |ONNX - torch| = {report.max_abs_diff:.1e}")
 
 

@@ -1,0 +1,33 @@
+"""``onnxprune calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxprune.calibrate import calibrate
+from onnxprune.commands.arguments import add_data_arguments, load_inputs, positive
+from onnxprune.commands.base import ExitStatus, Log, Verb
+
+EXAMPLES = """\
+  onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
+  onnxprune calibrate model.onnx --data inputs.npz --max-length 512 -o stats.safetensors"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="dense .onnx")
+    add_data_arguments(p)
+    p.add_argument("--granularity", type=positive, default=16, help="statistics cell size in positions (default 16)")
+    p.add_argument("-o", "--output", required=True, help="output statistics (.safetensors)")
+
+
+def run(args: argparse.Namespace, log: Log) -> int:
+    stats = calibrate(args.model, load_inputs(args, args.model), granularity=args.granularity,
+                      max_length=args.max_length, batch_size=args.batch_size, threads=args.threads,
+                      show_progress=not args.quiet)
+    stats.save(args.output)
+    print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_samples} inputs, granularity {stats.granularity}")
+    return ExitStatus.SUCCESS
+
+
+VERB = Verb("calibrate", "Average each attention site's probabilities over data (ONNX Runtime, no PyTorch).",
+            EXAMPLES, add_arguments, run)
