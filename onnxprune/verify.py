@@ -57,7 +57,7 @@ def library_use(model: str | os.PathLike | ModelInfo, choice: str, which: str) -
     return choice == which
 
 
-def compare_outputs(
+def verify(
     a: str | os.PathLike | ModelInfo, b: str | os.PathLike | ModelInfo, dataset: Dataset,
     atol: float = 1e-4, rtol: float = 1e-3, batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
     providers: Sequence[str] | None = None, library: str = "auto",
@@ -128,12 +128,3 @@ def sentence_embeddings(model: str | os.PathLike, dataset: Dataset, batch_size: 
         pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
         rows.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
     return np.concatenate(rows)
-
-
-def verify(
-    a: str | os.PathLike, b: str | os.PathLike, dataset: Dataset, atol: float = 1e-4, rtol: float = 1e-3,
-    batch_size: int = 8, threads: int | None = None, show_progress: bool = True,
-    providers: Sequence[str] | None = None, library: str = "auto",
-) -> list[OutputComparison]:
-    """``onnxprune verify`` (``onnxprune.verify``): ``compare_outputs``; B passes when every comparison does."""
-    return compare_outputs(a, b, dataset, atol, rtol, batch_size, threads, show_progress, providers, library)

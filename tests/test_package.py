@@ -64,12 +64,6 @@ def test_prune_has_its_real_signature():
     assert "args" not in parameters and "kwargs" not in parameters
 
 
-def test_verify_takes_what_compare_outputs_takes():
-    from onnxprune.verify import compare_outputs
-
-    assert inspect.signature(onnxprune.verify) == inspect.signature(compare_outputs)
-
-
 def test_a_fresh_interpreter_gets_the_functions_and_no_torch():
     # Submodules imported first and by plain `import`, as a user's script might.
     code = ("import sys, types\n"

@@ -17,7 +17,7 @@ from onnxprune.cli import main
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import read_info
-from onnxprune.verify import compare_outputs, library_use
+from onnxprune.verify import verify, library_use
 
 #: A's outputs on the one example below, and how far B is from each.
 REFERENCE = np.array([1.0, 100.0, 0.0, 5.0], np.float32)
@@ -57,7 +57,7 @@ def one_example() -> Dataset:
     (0.0, 1.0, 1),    # rtol 1 forgives everything but a non-zero offset on A = 0
 ])
 def test_elementwise_rule(pair, atol, rtol, failed):
-    (r,) = compare_outputs(*pair, one_example(), atol=atol, rtol=rtol, show_progress=False)
+    (r,) = verify(*pair, one_example(), atol=atol, rtol=rtol, show_progress=False)
     assert (r.failed_elements, r.elements, r.passed) == (failed, 4, failed == 0)
     assert r.max_abs == pytest.approx(0.5) and r.mean_abs == pytest.approx(1.05 / 4)
     # Relative to A, where A is not 0: 0.5/1, 0.5/100, 0/5.
@@ -67,25 +67,25 @@ def test_elementwise_rule(pair, atol, rtol, failed):
 
 
 def test_records_in_place_of_paths(pair):
-    by_path = compare_outputs(*pair, one_example(), atol=0.1, rtol=0.01, show_progress=False)
-    by_record = compare_outputs(*map(read_info, pair), one_example(), atol=0.1, rtol=0.01, show_progress=False)
+    by_path = verify(*pair, one_example(), atol=0.1, rtol=0.01, show_progress=False)
+    by_record = verify(*map(read_info, pair), one_example(), atol=0.1, rtol=0.01, show_progress=False)
     assert by_record == by_path
 
 
 def test_missing_model_is_named(pair, tmp_path):
     with pytest.raises(OnnxpruneError, match=f"{tmp_path / 'absent.onnx'}: no such file"):
-        compare_outputs(pair[0], tmp_path / "absent.onnx", one_example(), show_progress=False)
+        verify(pair[0], tmp_path / "absent.onnx", one_example(), show_progress=False)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_nonfinite_values_fail(tmp_path, value):
     a = models.save(offset_model(np.zeros(4, np.float32)), tmp_path / "a.onnx")
     b = models.save(offset_model(np.array([0, 0, value, 0], np.float32)), tmp_path / "b.onnx")
-    (r,) = compare_outputs(a, b, one_example(), atol=1e9, rtol=1e9, show_progress=False)
+    (r,) = verify(a, b, one_example(), atol=1e9, rtol=1e9, show_progress=False)
     assert (r.failed_elements, r.nonfinite_mismatches, r.passed) == (1, 1, False)
     assert np.isfinite(r.max_abs) and np.isfinite(r.cosine_mean)
     # The same infinity on both sides is no difference.
-    (same,) = compare_outputs(b, b, one_example(), show_progress=False)
+    (same,) = verify(b, b, one_example(), show_progress=False)
     assert same.passed == (not np.isnan(value))
 
 

@@ -10,7 +10,7 @@ from onnxprune.commands.arguments import (add_data_arguments, add_runtime_argume
 from onnxprune.commands.base import ExitStatus, Log, Verb, print_json
 from onnxprune.synthetic import synthetic_dataset
 from onnxprune.tables import table
-from onnxprune.verify import compare_outputs, library_use
+from onnxprune.verify import library_use, verify
 
 EXAMPLES = """\
   onnxprune verify model.onnx pruned.onnx --data lines.txt --tokenizer path/to/bert-dir
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
     else:
         count = args.limit or 8
         dataset, source = synthetic_dataset(args.b, count, args.seq_len), f"random ({count} x {args.seq_len} positions)"
-    results = compare_outputs(args.a, args.b, dataset, args.atol, args.rtol, args.batch_size, args.threads,
+    results = verify(args.a, args.b, dataset, args.atol, args.rtol, args.batch_size, args.threads,
                               not args.quiet, providers=providers, library=args.library)
     passed = all(r.passed for r in results)
     if args.json:
