@@ -64,12 +64,11 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = True) -> Non
     p.add_argument("--limit", type=positive, help="use at most this many inputs")
 
 
-def load_inputs(args: argparse.Namespace, model_path):
-    """The ``Dataset`` that ``add_data_arguments``' options name, with ``model_path``'s input names."""
+def load_inputs(args: argparse.Namespace, info):
+    """The ``Dataset`` that ``add_data_arguments``' options name, for the model ``info`` describes."""
     from onnxprune.data import load_dataset
-    from onnxprune.model_io import input_names
 
-    return load_dataset(args.data, input_names(model_path), args.tokenizer, args.max_length, limit=args.limit)
+    return load_dataset(args.data, info.input_names, args.tokenizer, args.max_length, limit=args.limit)
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, first: str, second: str) -> None:

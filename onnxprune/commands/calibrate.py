@@ -7,6 +7,7 @@ import argparse
 from onnxprune.calibrate import calibrate
 from onnxprune.commands.arguments import add_data_arguments, load_inputs, positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
+from onnxprune.model_io import load_model
 
 EXAMPLES = """\
   onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
@@ -21,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log: Log) -> int:
-    stats = calibrate(args.model, load_inputs(args, args.model), granularity=args.granularity,
+    loaded = load_model(args.model)
+    stats = calibrate(loaded, load_inputs(args, loaded.info), granularity=args.granularity,
                       max_length=args.max_length, batch_size=args.batch_size, threads=args.threads,
                       show_progress=not args.quiet)
     stats.save(args.output)

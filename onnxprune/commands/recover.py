@@ -10,7 +10,7 @@ import numpy as np
 from onnxprune.commands.arguments import non_negative, positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
 from onnxprune.data import load_dataset
-from onnxprune.model_io import atomic_path, input_names
+from onnxprune.model_io import atomic_path, read_info
 from onnxprune.recover import OBJECTIVES, RecoverConfig, recover
 
 EXAMPLES = """\
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log: Log) -> int:
-    dataset = load_dataset(args.data, input_names(args.pruned), args.tokenizer or args.model, args.max_length,
+    dataset = load_dataset(args.data, read_info(args.pruned).input_names, args.tokenizer or args.model, args.max_length,
                            limit=args.limit)
     # Token ids of the valid positions only: recover batches by length and pads itself.
     examples = [e if isinstance(e, np.ndarray) else e["input_ids"][e["attention_mask"] != 0] for e in dataset.examples]

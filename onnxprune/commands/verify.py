@@ -8,6 +8,7 @@ from onnxprune.bench import check_providers
 from onnxprune.commands.arguments import (add_data_arguments, add_runtime_arguments, load_inputs, positive,
                                           tolerance)
 from onnxprune.commands.base import ExitStatus, Log, Verb, print_json
+from onnxprune.model_io import read_info
 from onnxprune.synthetic import synthetic_dataset
 from onnxprune.tables import table
 from onnxprune.verify import library_use, verify
@@ -38,19 +39,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, log: Log) -> int:
     providers = check_providers(args.providers)
+    a, b = read_info(args.a), read_info(args.b)
     if args.data:
-        dataset, source = load_inputs(args, args.b), args.data
+        dataset, source = load_inputs(args, b), args.data
     else:
         count = args.limit or 8
-        dataset, source = synthetic_dataset(args.b, count, args.seq_len), f"random ({count} x {args.seq_len} positions)"
-    results = verify(args.a, args.b, dataset, args.atol, args.rtol, args.batch_size, args.threads,
-                              not args.quiet, providers=providers, library=args.library)
+        dataset, source = synthetic_dataset(b, count, args.seq_len), f"random ({count} x {args.seq_len} positions)"
+    results = verify(a, b, dataset, args.atol, args.rtol, args.batch_size, args.threads,
+                     not args.quiet, providers=providers, library=args.library)
     passed = all(r.passed for r in results)
     if args.json:
         print_json({
             "schema": "onnxprune.verify/1", "a": args.a, "b": args.b, "data": source, "examples": len(dataset),
             "atol": args.atol, "rtol": args.rtol, "providers": providers,
-            "library": {"a": library_use(args.a, args.library, "a"), "b": library_use(args.b, args.library, "b")},
+            "library": {"a": library_use(a, args.library, "a"), "b": library_use(b, args.library, "b")},
             "passed": passed, "outputs": [r.to_json() for r in results],
         })
     else:
