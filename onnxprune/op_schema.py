@@ -1,4 +1,4 @@
-"""The contract of ``onnxprune.BlockSparseAttention`` (DESIGN.md): names, attributes, limits."""
+"""The contract of ``onnxprune.BlockSparseAttention`` (docs/DESIGN.md): names, attributes, limits."""
 
 from __future__ import annotations
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from onnxprune.runtime import library_path
+
+# The recipes in models/ come from the checkout; appended, so that an installed onnxprune (with
+# its built library) still wins over the checkout's sources.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from models import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +21,7 @@ def ops_library() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny random-init HF models, exported once per session.
+# The tiny BERT and GPT-2 of models/tiny.py, exported once per session.
 
 #: (exporter, attn_implementation, opset) per form of attention the rules know.
 EXPORTS = {
@@ -22,41 +30,7 @@ EXPORTS = {
     "dynamo-sdpa-23": ("dynamo", "sdpa", 23),
     "torchscript-eager-17": ("torchscript", "eager", 17),
 }
-TINY_LAYERS = 2
-TINY_HEADS = 4
-TINY_VOCAB = 100
-TINY_MAX_LENGTH = 64
-
-
-def _tiny_hf_model(arch: str, attn: str):
-    import torch
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    if arch == "bert":
-        config = BertConfig(
-            hidden_size=32, num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, intermediate_size=64,
-            vocab_size=TINY_VOCAB, max_position_embeddings=TINY_MAX_LENGTH, attn_implementation=attn,
-        )
-        model, kwargs = BertModel(config), {}
-    elif arch == "gpt2":
-        config = GPT2Config(
-            n_embd=32, n_layer=TINY_LAYERS, n_head=TINY_HEADS, vocab_size=TINY_VOCAB, n_positions=TINY_MAX_LENGTH,
-            attn_implementation=attn,
-        )
-        model, kwargs = GPT2Model(config), {"use_cache": False}
-    else:
-        raise ValueError(arch)
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model.eval()
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-
-    return LastHiddenState().eval()
+TINY_LAYERS, TINY_HEADS = tiny.LAYERS, tiny.HEADS
 
 
 def export_tiny_model(arch: str, form: str, path) -> None:
@@ -65,8 +39,8 @@ def export_tiny_model(arch: str, form: str, path) -> None:
     import torch
 
     exporter, attn, opset = EXPORTS[form]
-    wrapper = _tiny_hf_model(arch, attn)
-    ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    wrapper = tiny.RECIPES[arch].build(attn)
+    ids = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 16, dtype=torch.int64)
     mask[1, 11:] = 0
     with warnings.catch_warnings(), torch.no_grad():
@@ -108,4 +82,4 @@ def random_token_examples(count: int, seed: int, low: int = 5, high: int = 60):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, TINY_VOCAB, size=int(n)).astype(np.int64) for n in rng.integers(low, high + 1, size=count)]
+    return [rng.integers(0, tiny.VOCAB, size=int(n)).astype(np.int64) for n in rng.integers(low, high + 1, size=count)]

@@ -8,22 +8,20 @@ import json
 import numpy as np
 import pytest
 
+from models import tiny
 from onnxprune.cli import main
 
 WORDS = "the a of to and in is it that for on with as was by this be are from at or an".split()
 
 
 def _write_tiny_bert(directory) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
 
-    torch.manual_seed(0)
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=len(vocab), max_position_embeddings=128)
-    BertModel(config).eval().save_pretrained(directory)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    bert = tiny.transformers_model("bert", attn=None, vocab_size=len(vocab), max_position_embeddings=128)
+    bert.eval().save_pretrained(directory)
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]

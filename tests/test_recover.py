@@ -8,25 +8,18 @@ import numpy as np
 import pytest
 
 from conftest import random_token_examples
+from models import tiny
 from onnxprune.errors import OnnxpruneError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-VOCAB, MAX_POSITIONS = 100, 64
+MAX_POSITIONS = tiny.MAX_POSITIONS
 
 
 def _save_tiny(arch: str, folder) -> str:
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
-
-    torch.manual_seed(1)
-    if arch == "bert":
-        model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                     vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS))
-    else:
-        model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=MAX_POSITIONS))
     path = folder / arch
-    model.save_pretrained(str(path))
+    tiny.transformers_model(arch, attn=None, seed=1).save_pretrained(str(path))
     return str(path)
 
 

@@ -5,7 +5,7 @@ in ONNX Runtime, with and without ORT's transformers optimizer, measured in one 
     .venv/bin/python tools/bench_e2e.py --seq 4096 --repeats 5 --threads 2
 
 What it does (artifacts under --out, reused when present and --fresh is not given):
-  1. a random-init BERT from a transformers config (12 layers, hidden 768, 12 heads, 4096
+  1. a random-init BERT (models/bert_base.py: 12 layers, hidden 768, 12 heads, 4096
      positions) exported by onnxprune.export (dynamo, opset 20);
   2. "dense": that file in ORT with every graph optimization (ORT_ENABLE_ALL);
   3. "fused": the same weights exported by the TorchScript exporter (ORT's BERT fusions match
@@ -29,28 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def bert_base(max_positions: int):
-    """(module, example inputs) for onnxprune.export: random-init BERT-base, hidden states out."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                        max_position_embeddings=max_positions, attn_implementation="eager")
-    model = BertModel(config, add_pooling_layer=False).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    ids = torch.randint(1000, 2000, (1, 64))
-    return Hidden().eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+from models import bert_base  # noqa: E402
 
 
 def export_dense(path: Path, max_positions: int) -> None:
@@ -60,7 +39,7 @@ def export_dense(path: Path, max_positions: int) -> None:
     import types
 
     factory = types.ModuleType("_bench_e2e_factory")
-    factory.make = lambda: bert_base(max_positions)
+    factory.make = lambda: bert_base.make(max_positions)
     sys.modules["_bench_e2e_factory"] = factory
     report = export("_bench_e2e_factory:make", path, opset=20, log=lambda m: print("  " + m))
     print(f"  exported {path} ({report.exporter}, opset {report.opset}); max |ONNX - torch| = {report.max_abs_diff:.1e}")
@@ -76,7 +55,7 @@ def fuse(fused: Path, max_positions: int) -> None:
 
     from onnxprune.model_io import atomic_path
 
-    module, example = bert_base(max_positions)
+    module, example = bert_base.make(max_positions)
     with atomic_path(fused) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""How long ``prune`` takes to rewrite a deep model: a random-init BERT with 24 layers.
+"""How long ``prune`` takes to rewrite a deep model: a random-init BERT with 24 layers (models/bert_base.py).
 
     .venv/bin/python tools/bench_rewrite.py [--layers 24] [--hidden 1024] [--heads 16] [--form dynamo-sdpa-20]
                                             [--external-data] [--workdir DIR]
@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from onnxprune.model_io import file_sha256, load_ir, save_model
-from onnxprune.rules import decompose_fused_attention, find_sites
-from onnxprune.stats import Stats
+# models/ is the checkout's; appended, so that an installed onnxprune still wins over its sources.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from models import bert_base  # noqa: E402
+from onnxprune.model_io import file_sha256, load_ir, save_model  # noqa: E402
+from onnxprune.rules import decompose_fused_attention, find_sites  # noqa: E402
+from onnxprune.stats import Stats  # noqa: E402
 
 prune_module = importlib.import_module("onnxprune.prune")
 MAX_LENGTH = 512
@@ -32,34 +36,22 @@ def export_bert(path: Path, layers: int, hidden: int, heads: int, form: str, ext
     import warnings
 
     import torch
-    from transformers import BertConfig, BertModel
 
     attn = "eager" if "eager" in form else "sdpa"
     opset = int(form.rsplit("-", 1)[1])
-    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=4 * hidden, max_position_embeddings=MAX_LENGTH, attn_implementation=attn)
-    model = BertModel(config).eval()
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
+    module = bert_base.build(MAX_LENGTH, layers, hidden, heads, attn)
     ids = torch.ones(1, 32, dtype=torch.int64)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if form.startswith("dynamo"):
             program = torch.onnx.export(
-                LastHiddenState().eval(), (ids, torch.ones_like(ids)), input_names=["input_ids", "attention_mask"],
+                module, (ids, torch.ones_like(ids)), input_names=["input_ids", "attention_mask"],
                 dynamo=True, opset_version=opset,
                 dynamic_shapes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
             )
             program.save(str(path), external_data=external_data)
         else:
-            torch.onnx.export(LastHiddenState().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+            torch.onnx.export(module, (ids, torch.ones_like(ids)), str(path), dynamo=False,
                               input_names=["input_ids", "attention_mask"], opset_version=opset,
                               dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
 
