@@ -18,7 +18,7 @@ from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset, load_tokenizer, tokenize
 from onnxprune.errors import OnnxpruneError
 from onnxprune.export import export
-from onnxprune.model_io import atomic_path, file_sha256, input_names, save_model
+from onnxprune.model_io import atomic_path, file_sha256, load_model, save_model
 from onnxprune.prune import prune
 from onnxprune.stdlib_text import CALIBRATION_MODULES, EVALUATION_MODULES, docstrings
 from onnxprune.verify import sentence_embeddings
@@ -78,7 +78,8 @@ def run_demo(
     ]
     evaluation = tokenize([held_out[i] for i in rng.permutation(len(held_out))[:evaluation_examples]],
                           tokenizer, max_length, chunk=False)
-    names = input_names(dense)
+    loaded = load_model(dense)
+    names = loaded.info.input_names
     cal_set, eval_set = Dataset(calibration, names), Dataset(evaluation, names)
     cal_lengths = [len(c) for c in calibration]
     eval_lengths = [len(e) for e in evaluation]
@@ -88,7 +89,7 @@ def run_demo(
                             "mean_tokens": float(np.mean(eval_lengths)), "max_tokens": int(max(eval_lengths))}
 
     t0 = time.perf_counter()
-    stats = calibrate(dense, cal_set, max_length=max_length, threads=threads, show_progress=show_progress)
+    stats = calibrate(loaded, cal_set, max_length=max_length, threads=threads, show_progress=show_progress)
     stats_path = out / "stats.safetensors"
     stats.save(stats_path)
     timings["calibrate_s"] = time.perf_counter() - t0

@@ -76,14 +76,15 @@ def fused_attention_nodes(path: Path) -> int:
 def prune_model(dense: Path, pruned: Path, seq: int, sparsity: float, block: int) -> str:
     from onnxprune.calibrate import calibrate
     from onnxprune.data import Dataset
-    from onnxprune.model_io import input_names, save_model
+    from onnxprune.model_io import load_model, save_model
     from onnxprune.prune import prune
 
     rng = np.random.default_rng(0)
-    names = input_names(dense)
+    loaded = load_model(dense)
+    names = loaded.info.input_names
     example = {"input_ids": rng.integers(1000, 2000, (seq,), dtype=np.int64),
                "attention_mask": np.ones(seq, np.int64)}
-    stats = calibrate(dense, Dataset([example], names), granularity=block, max_length=seq, batch_size=1)
+    stats = calibrate(loaded, Dataset([example], names), granularity=block, max_length=seq, batch_size=1)
     model, report = prune(dense, stats, sparsity, block_size=block)
     save_model(model, pruned)
     density = np.mean([s.density for s in report.sites])

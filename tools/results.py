@@ -81,14 +81,14 @@ def minilm_dense(out: Path):
     from onnxprune.calibrate import calibrate
     from onnxprune.data import Dataset
     from onnxprune.export import export
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.stats import Stats
 
     dense, stats_path = out / "minilm.onnx", out / "minilm.stats.safetensors"
     calibration, evaluation = minilm_data()
     if not dense.is_file():
         export(default_model_dir(), dense, seq_len=64, log=log)
-    names = input_names(dense)
+    names = read_info(dense).input_names
     if not stats_path.is_file():
         t0 = time.perf_counter()
         stats = calibrate(dense, Dataset(calibration, names), granularity=1, max_length=MAX_LENGTH,
@@ -434,7 +434,7 @@ def run_decoder(out: Path, quick: bool, train_steps: int | None = None) -> None:
     from onnxprune.calibrate import calibrate
     from onnxprune.data import Dataset
     from onnxprune.masked_attention import apply_layouts, read_layouts
-    from onnxprune.model_io import input_names, save_model
+    from onnxprune.model_io import load_model, save_model
     from onnxprune.prune import prune
     from onnxprune.recover import RecoverConfig, recover
 
@@ -461,9 +461,10 @@ def run_decoder(out: Path, quick: bool, train_steps: int | None = None) -> None:
     result["parameters"] = sum(p.numel() for p in lm.parameters())
     result["layers"], result["hidden"], result["heads"] = lm.config.n_layer, lm.config.n_embd, lm.config.n_head
     dense = export_pruned_base(lm, folder, "gpt2", None)
-    names = input_names(dense)
+    loaded = load_model(dense)
+    names = loaded.info.input_names
     embedding = lm.transformer.wte.weight.detach().double().numpy()
-    stats = calibrate(dense, Dataset(train[:64], names), max_length=CONTEXT, threads=THREADS, show_progress=False)
+    stats = calibrate(loaded, Dataset(train[:64], names), max_length=CONTEXT, threads=THREADS, show_progress=False)
     result["dense_perplexity"] = onnx_perplexity(dense, embedding, held_out, names)
     log(f"dense perplexity {result['dense_perplexity']:.3f} (bytes)")
     rows = result["post_training"] = []
