@@ -12,7 +12,7 @@ from conftest import random_token_examples
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
 from onnxprune.model_io import save_model
-from onnxprune.passes.key_padding_mask import HUGE_NEGATIVE, _matches
+from onnxprune.passes.key_padding_mask import HUGE_NEGATIVE, is_padding_mask
 from onnxprune.prune import prune
 from onnxprune.runtime import session
 
@@ -39,17 +39,17 @@ def test_padding_masks_match(fill, per_query):
     mask = _additive(keep[:, None, None, :], fill)
     if per_query:
         mask = np.broadcast_to(mask, (3, 1, length, length)).copy()
-    assert _matches(mask, keep, causal=False)
-    assert not _matches(mask, keep, causal=True)
+    assert is_padding_mask(mask, keep, causal=False)
+    assert not is_padding_mask(mask, keep, causal=True)
 
 
 def test_padding_and_causal_masks_match():
     keep = _keep()
     length = keep.shape[1]
     allowed = keep[:, None, None, :] & np.tril(np.ones((length, length), bool))
-    assert _matches(_additive(allowed, np.finfo(np.float32).min), keep, causal=True)
-    assert _matches(allowed, keep, causal=True)  # a bool mask
-    assert not _matches(allowed, keep, causal=False)
+    assert is_padding_mask(_additive(allowed, np.finfo(np.float32).min), keep, causal=True)
+    assert is_padding_mask(allowed, keep, causal=True)  # a bool mask
+    assert not is_padding_mask(allowed, keep, causal=False)
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,8 @@ def test_other_masks_do_not_match(case):
         mask = np.repeat(mask, 2, axis=1)
     else:
         mask = mask[..., :-1]
-    assert not _matches(mask, keep, causal=False)
-    assert not _matches(mask, keep, causal=True)
+    assert not is_padding_mask(mask, keep, causal=False)
+    assert not is_padding_mask(mask, keep, causal=True)
 
 
 @pytest.mark.parametrize("arch,form", [("bert", "dynamo-eager-20"), ("bert", "dynamo-sdpa-20"),
