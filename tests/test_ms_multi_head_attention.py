@@ -16,7 +16,7 @@ from onnxprune import op_schema
 from onnxprune.passes import prune_passes
 from onnxprune.rules import decompose_fused_attention, find_sites
 from onnxprune.runtime import session
-from test_rules import ATOL, BLOCK, full_layouts, make_model, run_plain, to_ir, vi
+from test_rules import ATOL, full_layouts, make_model, run_plain, to_ir, vi
 
 B, SQ, SK, H, D = 2, 20, 37, 4, 8  # cross-attention: Sq ≠ Sk, neither a multiple of the block
 HIDDEN = H * D

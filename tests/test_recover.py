@@ -75,6 +75,29 @@ def test_masked_torch_equals_pruned_onnx(pruned_tiny, arch, p):
         assert parity(teacher, pruned, examples[:12], names) > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_prune_and_recover_rewrite_the_sites_alike(pruned_tiny, arch):
+    # The same pipeline: recover's re-export takes key_padding_mask where prune did, not the S×S attn_mask.
+    from pathlib import Path
+
+    from onnxprune.layouts import attention_nodes, load_layouts
+    from onnxprune.model_io import load_ir
+    from onnxprune.recover import prune_with_layouts
+
+    _, pruned, _ = pruned_tiny(arch, 0.5)
+    dense = Path(pruned).parent / f"{arch}.onnx"
+
+    def calls(model):
+        return [([v.name if v is not None else "" for v in n.inputs], n.attributes["is_causal"].as_int())
+                for n in attention_nodes(model.graph)]
+
+    recovered = calls(prune_with_layouts(dense, load_layouts(pruned), {}))
+    assert recovered == calls(load_ir(pruned))
+    assert len(recovered) == 2
+    assert all(inputs[4:] == ["", "attention_mask"] for inputs, _ in recovered)
+    assert {causal for _, causal in recovered} == {int(arch == "gpt2")}
+
+
 def _config(**overrides):
     from onnxprune.recover import RecoverConfig
 
