@@ -28,7 +28,7 @@ from onnxprune.op_schema import BLOCK_SIZES
 from onnxprune.stats import Stats
 
 SCOPES = ("layer", "head", "global")
-#: The layout format this code writes and reads.
+#: The layout format this code knows: 1, the explicit ``[Mq, Mk]`` region of each site.
 LAYOUT_VERSION = 1
 
 #: Prefix of every model metadata key onnxprune writes.
@@ -105,7 +105,7 @@ def _rounded(value: float | None) -> float | None:
 #: Layouts field → (metadata key after the prefix, value → text, text → value).
 _METADATA: dict[str, tuple[str, Callable, Callable]] = {
     "onnxprune_version": ("version", str, str),
-    "sparsity": ("sparsity", repr, float),
+    "sparsity": ("sparsity", lambda v: repr(float(v)), float),
     "scope": ("scope", str, str),
     "block_size": ("block_size", str, int),
     "keep_diagonal": ("keep_diagonal", lambda v: str(int(v)), lambda t: bool(int(t))),
