@@ -11,7 +11,6 @@ keeps under those statistics.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 from pathlib import Path
@@ -23,21 +22,12 @@ import onnx_ir as ir
 from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
 from onnxprune.heatmaps import SiteHeatmap
-from onnxprune.layouts import _block_sum
+from onnxprune.layouts import SITES_KEY, Layouts, attention_nodes, block_sum, node_site, read_layouts
 from onnxprune.model_io import file_sha256, load_ir, load_proto
-from onnxprune.passes.unify_mask_inputs import attention_nodes
 from onnxprune.rules import find_sites
 from onnxprune.stats import Stats
 
 SCHEMA = "onnxprune.inspect/1"
-METADATA_PREFIX = "onnxprune."
-
-#: Prune metadata (``onnxprune.<key>``) and how to read each value.
-_PRUNING_FIELDS = {
-    "version": str, "sparsity": float, "scope": str, "block_size": int,
-    "keep_diagonal": lambda v: bool(int(v)), "stats_sha256": str, "calibration_samples": int,
-    "effective_sparsity": float,
-}
 
 
 def _op_name(domain: str, op_type: str) -> str:
@@ -129,20 +119,17 @@ def _dense_site(site) -> dict:
     }
 
 
-def _pruned_site(node: ir.Node, recorded: dict) -> tuple[dict, np.ndarray | None]:
+def _pruned_site(node: ir.Node, layouts: Layouts | None) -> tuple[dict, np.ndarray | None]:
     inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
-    q, k, _, layout_value, attn_mask, key_padding = inputs[:6]
-    name = layout_value.name if layout_value is not None else ""
-    site = name[len(op_schema.LAYOUT_PREFIX):] if name.startswith(op_schema.LAYOUT_PREFIX) else node.name
-    layout = None
-    if layout_value is not None and layout_value.const_value is not None:
-        layout = layout_value.const_value.numpy()
+    q, k, _, _, attn_mask, key_padding = inputs[:6]
+    site = node_site(node) or node.name
+    recorded = layouts.sites.get(site) if layouts is not None else None
+    layout = recorded.layout if recorded is not None else None
     attr = node.attributes
     scale = attr["scale"].as_float() if "scale" in attr else None
     head_size = _int_dim(q, 3)
     if scale is None and head_size:
         scale = 1.0 / math.sqrt(head_size)
-    meta = recorded.get(site, {})
     entry = {
         "site": site,
         "node": node.name,
@@ -154,32 +141,19 @@ def _pruned_site(node: ir.Node, recorded: dict) -> tuple[dict, np.ndarray | None
         "block_size": attr["block_size"].as_int() if "block_size" in attr else None,
         "layout_shape": list(layout.shape) if layout is not None else None,
         "layout_density": float((layout != 0).mean()) if layout is not None else None,
-        "density": meta.get("density"),
-        "retained_mass": meta.get("retained_mass"),
+        "density": recorded.density if recorded is not None else None,
+        "retained_mass": recorded.retained_mass if recorded is not None else None,
         "attn_mask": _mask(attn_mask),
         "key_padding_mask": key_padding is not None,
     }
     return entry, layout
 
 
-def _pruning(meta: dict[str, str]) -> dict | None:
-    if not any(k.startswith(METADATA_PREFIX) for k in meta):
-        return None
-    pruning = {}
-    for key, read in _PRUNING_FIELDS.items():
-        raw = meta.get(METADATA_PREFIX + key)
-        try:
-            pruning[key] = read(raw) if raw is not None else None
-        except ValueError:
-            pruning[key] = None
-    return pruning
-
-
 def retained_mass(stats: Stats, site: str, layout: np.ndarray, block_size: int) -> float | None:
     """Share of the statistics' attention mass inside the layout's computed blocks."""
     if block_size % stats.granularity:
         return None
-    mass = _block_sum(stats.sums[site], block_size // stats.granularity)  # [H, M, M]
+    mass = block_sum(stats.sums[site], block_size // stats.granularity)  # [H, M, M]
     heads, mq, mk = mass.shape
     if layout.shape[0] not in (1, heads):
         return None
@@ -218,16 +192,19 @@ def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike
     discovery = find_sites(model)
     op_types = {n.name: n.op_type for n in graph}
     meta = dict(model.metadata_props)
-    try:
-        recorded = json.loads(meta.get(METADATA_PREFIX + "sites", "{}"))
-    except json.JSONDecodeError:
-        recorded = {}
-    pruning = _pruning(meta)
+    warnings = []
+    layouts = None
+    if attention_nodes(graph):
+        try:
+            layouts = read_layouts(model)
+        except OnnxpruneError as e:  # still worth showing what the nodes are
+            warnings.append(f"the layouts cannot be read: {e}")
+    pruning = layouts.metadata() if layouts is not None and layouts.recorded() else None
 
     heatmaps: list[SiteHeatmap] = []
     pruned = []
     for node in attention_nodes(graph):
-        entry, layout = _pruned_site(node, recorded)
+        entry, layout = _pruned_site(node, layouts)
         if stats is not None and entry["site"] in stats.sites and layout is not None and entry["block_size"]:
             entry["retained_mass_under_stats"] = retained_mass(stats, entry["site"], layout, entry["block_size"])
         pruned.append(entry)
@@ -258,10 +235,10 @@ def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike
         "unmatched": [{"node": n, "op_type": op_types.get(n), "reason": r} for n, r in discovery.unmatched],
         "pruned_sites": pruned,
         "pruning": pruning,
-        "metadata": {k: v for k, v in meta.items() if k != METADATA_PREFIX + "sites"},
+        "metadata": {k: v for k, v in meta.items() if k != SITES_KEY},
         "stats": None,
         "heatmaps": [],
-        "warnings": [
+        "warnings": warnings + [
             f"external data file {f['location']} is missing: constants stored there (scales, shapes) are unknown, "
             "so attention sites that depend on them are reported as not matched"
             for f in external["files"] if not f["exists"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxprune import op_schema
+from onnxprune.layouts import METADATA_PREFIX
 from onnxprune.tables import human_bytes, human_count, table
 
 #: Op types shown by name in the op-count line before the rest are summed up.
@@ -85,7 +86,7 @@ def format_report(info: dict) -> str:
     if pruning:
         out.append("\nPruning (from the model's metadata)")
         out.append(table(("key", "value"), [(k, "-" if v is None else str(v)) for k, v in pruning.items()]))
-    others = {k: v for k, v in info["metadata"].items() if not k.startswith("onnxprune.")}
+    others = {k: v for k, v in info["metadata"].items() if not k.startswith(METADATA_PREFIX)}
     if others:
         out.append("\nOther metadata")
         out.append(table(("key", "value"), list(others.items())))

@@ -1,43 +1,186 @@
-"""AP mask learning: block layouts from average attention (Rugina et al., 2020).
+"""Block layouts: what they are, how AP learns them from statistics, and how a pruned model
+carries them.
 
-A block's score is the average attention probability inside it over valid positions. In each
-scope (``layer``: one threshold per site across its heads, the paper's default; ``head``;
-``global``) the fraction ``p`` of the scope's blocks with the lowest scores is pruned. Blocks that
-causal masking already excludes do not count; diagonal blocks are kept unless asked otherwise,
-so no row is left empty and local context survives.
+:class:`Layouts` is the one form a set of layouts takes everywhere: learned here, applied by the
+rewrite (``rules``), written by prune (initializers ``onnxprune.layout.<site>`` and
+``onnxprune.*`` metadata), read back by :func:`read_layouts` for recover and inspect.
+
+AP mask learning (Rugina et al., 2020): a block's score is the average attention probability
+inside it over valid positions. In each scope (``layer``: one threshold per site across its
+heads, the paper's default; ``head``; ``global``) the fraction ``p`` of the scope's blocks with
+the lowest scores is pruned. Blocks that causal masking already excludes do not count; diagonal
+blocks are kept unless asked otherwise, so no row is left empty and local context survives.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from collections.abc import Callable
 
 import numpy as np
+import onnx_ir as ir
 
+from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
 from onnxprune.op_schema import BLOCK_SIZES
 from onnxprune.stats import Stats
 
 SCOPES = ("layer", "head", "global")
+#: The layout format this code knows: 1, the explicit ``[Mq, Mk]`` region of each site.
+LAYOUT_VERSION = 1
+
+#: Prefix of every model metadata key onnxprune writes.
+METADATA_PREFIX = "onnxprune."
+#: Per-site record: ``{site: {"density", "retained_mass", "causal"}}`` as JSON.
+SITES_KEY = METADATA_PREFIX + "sites"
+#: What recover did to a model (JSON), next to the prune metadata it keeps.
+RECOVERED_KEY = METADATA_PREFIX + "recovered"
 
 
 @dataclasses.dataclass
 class SiteLayout:
-    layout: np.ndarray  # uint8 [H, Mq, Mk]
-    causal: bool
-    density: float  # kept / counted blocks of the layout
-    retained_mass: float  # calibration attention mass inside kept blocks / total mass
+    """One attention site's layout and what was measured of it when it was learned."""
+
+    layout: np.ndarray  # uint8 [H or 1, Mq, Mk], nonzero = block computed
+    causal: bool = False
+    density: float | None = None  # kept / counted blocks of the layout
+    retained_mass: float | None = None  # calibration attention mass inside kept blocks / total mass
+    #: How each head continues beyond the explicit ``[Mq, Mk]`` region: int64 ``[H or 1, 4]``
+    #: (sink_blocks, window_before, window_after, global_query_blocks; -1 in a window = unbounded).
+    #: None: no rule (layout version 1). Not interpreted yet.
+    rule: np.ndarray | None = None
 
 
 @dataclasses.dataclass
-class LayoutResult:
+class Layouts:
+    """The layouts of one model: block size, one :class:`SiteLayout` per attention site in
+    execution order, and how they were learned (what prune records in the model's metadata;
+    None where unknown)."""
+
     block_size: int
-    sparsity: float
-    scope: str
     sites: dict[str, SiteLayout]
-    effective_sparsity: float  # of the blocks dense attention computes on the calibration inputs
+    sparsity: float | None = None
+    scope: str | None = None
+    keep_diagonal: bool | None = None
+    #: Of the blocks dense attention computes on the calibration inputs.
+    effective_sparsity: float | None = None
+    calibration_samples: int | None = None
+    stats_sha256: str | None = None
+    #: The onnxprune version that pruned the model.
+    onnxprune_version: str | None = None
+    #: Layout format version (1: the explicit region only, no per-head ``rule``).
+    version: int = LAYOUT_VERSION
+
+    def renamed(self, names: list[str]) -> Layouts:
+        """The same layouts, in order, under the site names of another export of the model."""
+        if len(names) != len(self.sites):
+            raise OnnxpruneError(f"the model has {len(names)} attention sites, the layouts {len(self.sites)}")
+        return dataclasses.replace(self, sites=dict(zip(names, self.sites.values())))
+
+    def metadata(self) -> dict[str, object]:
+        """The recorded fields by metadata key (without the prefix), None where unknown."""
+        return {key: getattr(self, field) for field, (key, _, _) in _METADATA.items()}
+
+    def recorded(self) -> bool:
+        """Whether anything beyond the layouts is known (a model pruned without metadata has none)."""
+        return any(v is not None for k, v in self.metadata().items() if k != "block_size")
+
+    def metadata_props(self) -> dict[str, str]:
+        """The model metadata that records these layouts (read back by :func:`read_layouts`)."""
+        props = {METADATA_PREFIX + key: write(getattr(self, field))
+                 for field, (key, write, _) in _METADATA.items() if getattr(self, field) is not None}
+        props[SITES_KEY] = json.dumps({
+            name: {"density": _rounded(s.density), "retained_mass": _rounded(s.retained_mass), "causal": s.causal}
+            for name, s in self.sites.items()
+        })
+        return props
 
 
-def _block_sum(cells: np.ndarray, ratio: int) -> np.ndarray:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+#: Layouts field → (metadata key after the prefix, value → text, text → value).
+_METADATA: dict[str, tuple[str, Callable, Callable]] = {
+    "onnxprune_version": ("version", str, str),
+    "sparsity": ("sparsity", lambda v: repr(float(v)), float),
+    "scope": ("scope", str, str),
+    "block_size": ("block_size", str, int),
+    "keep_diagonal": ("keep_diagonal", lambda v: str(int(v)), lambda t: bool(int(t))),
+    "stats_sha256": ("stats_sha256", str, str),
+    "calibration_samples": ("calibration_samples", str, int),
+    "effective_sparsity": ("effective_sparsity", lambda v: f"{v:.6f}", float),
+}
+
+
+def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The graph's ``BlockSparseAttention`` nodes, in graph (execution) order."""
+    return [n for n in graph if n.domain == op_schema.DOMAIN and n.op_type == op_schema.OP_TYPE]
+
+
+def node_site(node: ir.Node) -> str | None:
+    """The site whose layout a ``BlockSparseAttention`` node reads (its layout initializer's name)."""
+    layout = node.inputs[3] if len(node.inputs) > 3 else None
+    if layout is None or not layout.name or not layout.name.startswith(op_schema.LAYOUT_PREFIX):
+        return None
+    return layout.name[len(op_schema.LAYOUT_PREFIX):]
+
+
+def read_layouts(model: ir.Model) -> Layouts:
+    """The layouts a pruned model carries, in the order its attention nodes run, with what its
+    metadata records of them."""
+    nodes = attention_nodes(model.graph)
+    if not nodes:
+        raise OnnxpruneError(f"no {op_schema.DOMAIN}.{op_schema.OP_TYPE} node (is it a pruned model?)")
+    props = dict(model.metadata_props)
+    fields = {}
+    for field, (key, _, read) in _METADATA.items():
+        try:
+            fields[field] = read(props[METADATA_PREFIX + key]) if METADATA_PREFIX + key in props else None
+        except ValueError:
+            fields[field] = None  # a hand-edited value: unknown rather than unreadable
+    try:
+        recorded = json.loads(props.get(SITES_KEY, "{}"))
+    except json.JSONDecodeError:
+        recorded = {}
+    sites, block_sizes = {}, set()
+    for node in nodes:
+        site = node_site(node)
+        value = node.inputs[3] if site is not None else None
+        if value is None or value.const_value is None:
+            raise OnnxpruneError(f"node {node.name!r} has no constant layout initializer")
+        block_size = node.attributes.get("block_size")
+        if block_size is None:
+            raise OnnxpruneError(f"node {node.name!r} has no block_size attribute")
+        block_sizes.add(block_size.as_int())
+        meta = recorded.get(site, {}) if isinstance(recorded, dict) else {}
+        is_causal = node.attributes.get("is_causal")
+        sites[site] = SiteLayout(
+            layout=value.const_value.numpy().astype(np.uint8),
+            causal=bool(meta.get("causal", is_causal is not None and is_causal.as_int())),
+            density=meta.get("density"),
+            retained_mass=meta.get("retained_mass"),
+        )
+    if len(block_sizes) != 1:
+        raise OnnxpruneError(f"the attention nodes disagree on block_size ({sorted(block_sizes)})")
+    fields["block_size"] = block_sizes.pop()
+    return Layouts(sites=sites, **fields)
+
+
+def load_layouts(path: str | os.PathLike) -> Layouts:
+    """:func:`read_layouts` of the model at ``path`` (its weights stay on disk)."""
+    from onnxprune.model_io import load_ir
+
+    model = load_ir(path)
+    try:
+        return read_layouts(model)
+    except OnnxpruneError as e:
+        raise OnnxpruneError(f"{path}: {e}") from None
+
+
+def block_sum(cells: np.ndarray, ratio: int) -> np.ndarray:
     """Sum ``[..., L, L]`` cells into ``[..., L/ratio, L/ratio]`` blocks (zero-padding the edge)."""
     *lead, lq, lk = cells.shape
     mq, mk = -(-lq // ratio), -(-lk // ratio)
@@ -61,7 +204,7 @@ def learn_layouts(
     scope: str = "layer",
     keep_diagonal: bool = True,
     causal_sites: set[str] | None = None,
-) -> LayoutResult:
+) -> Layouts:
     if not 0.0 <= sparsity < 1.0:
         raise OnnxpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
     if block_size not in BLOCK_SIZES:
@@ -75,7 +218,7 @@ def learn_layouts(
 
 def learn_element_masks(
     stats: Stats, sparsity: float, scope: str = "layer", keep_diagonal: bool = True, causal_sites: set[str] | None = None,
-) -> LayoutResult:
+) -> Layouts:
     """The paper's element-level masks (block size 1) from statistics of granularity 1.
 
     No kernel runs these; they show, with a dense masked reference, what blocking costs.
@@ -87,7 +230,7 @@ def learn_element_masks(
     return _learn(stats, sparsity, 1, scope, keep_diagonal, causal_sites)
 
 
-def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> LayoutResult:
+def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> Layouts:
     if scope not in SCOPES:
         raise OnnxpruneError(f"--scope must be one of {SCOPES}, got {scope!r}")
     ratio = block_size // stats.granularity
@@ -95,8 +238,8 @@ def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> L
 
     scores, eligible, candidates, masses = {}, {}, {}, {}
     for site in stats.sites:
-        mass = _block_sum(stats.sums[site], ratio)  # [H, M, M]
-        count = _block_sum(stats.counts[site], ratio)  # [M, M]
+        mass = block_sum(stats.sums[site], ratio)  # [H, M, M]
+        count = block_sum(stats.counts[site], ratio)  # [M, M]
         h, mq, mk = mass.shape
         causal = site in causal_sites or looks_causal(stats, site)
         if causal:
@@ -146,12 +289,14 @@ def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> L
             density=float(kept.sum() / max(counted.sum(), 1)),
             retained_mass=float(masses[site][kept].sum() / total_mass) if total_mass > 0 else 1.0,
         )
-    return LayoutResult(
+    return Layouts(
         block_size=block_size,
+        sites=sites,
         sparsity=sparsity,
         scope=scope,
-        sites=sites,
+        keep_diagonal=keep_diagonal,
         effective_sparsity=effective_sparsity(stats.lengths, sites, block_size),
+        calibration_samples=stats.num_samples,
     )
 
 

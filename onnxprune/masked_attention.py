@@ -4,61 +4,21 @@
 its layout keeps (a kept block ``(i, j)`` covers queries ``i·b … i·b+b-1`` and keys ``j·b …``);
 a row with no kept, unmasked key gives 0. Here the same thing runs as a transformers attention
 function, so a PyTorch model can be evaluated, and fine-tuned, with exactly the mask the pruned
-ONNX model will apply. Layouts come from a pruned ``.onnx`` (its layout initializers, in graph
-order) or straight from :func:`onnxprune.layouts.learn_layouts`.
+ONNX model will apply. Layouts come from a pruned ``.onnx`` (:func:`onnxprune.layouts.load_layouts`)
+or straight from :func:`onnxprune.layouts.learn_layouts`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 
 import numpy as np
 
-from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
+from onnxprune.layouts import Layouts
 
 #: The name the attention function is registered under in transformers.
 ATTN_IMPLEMENTATION = "onnxprune_block_sparse"
-
-
-@dataclasses.dataclass
-class PrunedLayouts:
-    """The layouts of a pruned model, one per attention site in execution order."""
-
-    block_size: int
-    sites: list[str]
-    layouts: list[np.ndarray]  # uint8 [H or 1, Mq, Mk]
-    metadata: dict[str, str]
-
-
-def read_layouts(path: str | os.PathLike) -> PrunedLayouts:
-    """The layouts a pruned ``.onnx`` carries, in the order its attention nodes run."""
-    import onnx
-    from onnx import numpy_helper
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as e:  # noqa: BLE001
-        raise OnnxpruneError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    initializers = {t.name: t for t in model.graph.initializer}
-    sites, layouts, block_sizes = [], [], set()
-    for node in model.graph.node:  # ONNX requires nodes in topological order: execution order
-        if node.domain != op_schema.DOMAIN or node.op_type != op_schema.OP_TYPE:
-            continue
-        layout_name = node.input[3] if len(node.input) > 3 else ""
-        if layout_name not in initializers or not layout_name.startswith(op_schema.LAYOUT_PREFIX):
-            raise OnnxpruneError(f"{path}: node {node.name!r} has no constant layout initializer")
-        sites.append(layout_name[len(op_schema.LAYOUT_PREFIX):])
-        layouts.append(numpy_helper.to_array(initializers[layout_name]).astype(np.uint8))
-        block_sizes.update(a.i for a in node.attribute if a.name == "block_size")
-    if not sites:
-        raise OnnxpruneError(f"{path}: no {op_schema.DOMAIN}.{op_schema.OP_TYPE} node (is it a pruned model?)")
-    if len(block_sizes) != 1:
-        raise OnnxpruneError(f"{path}: the attention nodes disagree on block_size ({sorted(block_sizes)})")
-    metadata = {p.key: p.value for p in model.metadata_props}
-    return PrunedLayouts(block_sizes.pop(), sites, layouts, metadata)
 
 
 def _expanded_allowed(layout, block_size: int, sq: int, sk: int):
@@ -145,20 +105,21 @@ def attention_modules(model) -> list:
     return seen
 
 
-def apply_layouts(model, layouts: list[np.ndarray] | None, block_size: int = 16) -> list:
+def apply_layouts(model, layouts: Layouts | None) -> list:
     """Make ``model`` attend like the pruned ONNX model (``layouts`` None: dense, same code path).
 
-    Layouts are given in execution order, one per attention site. Returns the attention modules.
+    The sites' layouts go to the attention modules in execution order (the order ``layouts``
+    lists them). Returns the attention modules.
     """
     import torch
 
     modules = attention_modules(model)
-    if layouts is not None and len(layouts) != len(modules):
-        raise OnnxpruneError(f"{len(layouts)} layouts for a model with {len(modules)} attention layers")
-    for index, module in enumerate(modules):
-        layout = None if layouts is None else torch.as_tensor(np.asarray(layouts[index]), dtype=torch.uint8)
-        module.onnxprune_layout = layout
-        module.onnxprune_block_size = block_size
+    if layouts is not None and len(layouts.sites) != len(modules):
+        raise OnnxpruneError(f"{len(layouts.sites)} layouts for a model with {len(modules)} attention layers")
+    sites = [None] * len(modules) if layouts is None else list(layouts.sites.values())
+    for module, site in zip(modules, sites):
+        module.onnxprune_layout = None if site is None else torch.as_tensor(np.asarray(site.layout), dtype=torch.uint8)
+        module.onnxprune_block_size = None if layouts is None else layouts.block_size
     return modules
 
 

@@ -5,25 +5,18 @@ file so the model also runs where onnxprune's library is absent."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir import passes as ir_passes
-from onnx_ir.passes import common as common_passes
 
-from onnxprune import __version__, op_schema
+from onnxprune import __version__
 from onnxprune.errors import OnnxpruneError
-from onnxprune.layouts import LayoutResult, effective_sparsity, learn_layouts
+from onnxprune.layouts import Layouts, effective_sparsity, learn_layouts
 from onnxprune.model_io import file_sha256, load_ir
-from onnxprune.op_function import build_function
-from onnxprune.passes.key_padding_mask import use_key_padding_mask
-from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-from onnxprune.rules import SiteLayouts, decompose_fused_attention, find_sites, rewrite_rule_set
+from onnxprune.passes import prune_passes
+from onnxprune.rules import decompose_fused_attention, find_sites
 from onnxprune.stats import Stats
-
-METADATA_PREFIX = "onnxprune."
 
 
 @dataclasses.dataclass
@@ -43,7 +36,7 @@ class PruneReport:
     scope: str
     effective_sparsity: float
     sites: list[SiteReport]
-    layouts: LayoutResult | None = dataclasses.field(default=None, repr=False)
+    layouts: Layouts | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "layouts"}
@@ -52,19 +45,6 @@ class PruneReport:
         """The effective sparsity on inputs of these lengths (held-out data, say)."""
         histogram = np.bincount(np.asarray(lengths, dtype=np.int64))
         return effective_sparsity(histogram, self.layouts.sites, self.block_size)
-
-
-def attach_function(model: ir.Model, mask_use) -> None:
-    """Add the op's function body (specialised to the nodes' mask form) and its opset import."""
-    opset = model.opset_imports.get("", 0)
-    if opset < op_schema.MIN_MODEL_OPSET:
-        raise OnnxpruneError(
-            f"the model's opset is {opset}; the pruned op's function body needs >= {op_schema.MIN_MODEL_OPSET}"
-            " (export again with a newer opset)"
-        )
-    function = ir.serde.deserialize_function(build_function(mask_use, opset))
-    model.functions[function.identifier()] = function
-    model.opset_imports[op_schema.DOMAIN] = op_schema.OPSET_VERSION
 
 
 def prune(
@@ -84,7 +64,7 @@ def prune(
             f"the statistics were computed for another model (sha256 {stats.model_sha256[:12]}…, "
             f"{model_path} has {model_sha[:12]}…); run calibrate on this model"
         )
-    decompose_fused_attention(model)
+    decompose_fused_attention(model)  # the sites as the statistics name them
     discovery = find_sites(model)
     names = [s.name for s in discovery.sites]
     if not names:
@@ -92,17 +72,12 @@ def prune(
     if names != stats.sites:
         raise OnnxpruneError(f"the statistics name sites {stats.sites[:3]}…, the model has {names[:3]}…")
     causal = {s.name for s in discovery.sites if s.is_causal}
-    learned: LayoutResult = learn_layouts(stats, sparsity, block_size, scope, keep_diagonal, causal)
-
-    spec = SiteLayouts(block_size, {name: site.layout for name, site in learned.sites.items()})
-    rewritten = rewrite_rule_set(spec).apply_to_model(model)
-    if rewritten != len(names):
-        raise OnnxpruneError(f"rewrote {rewritten} of {len(names)} attention sites; the graph changed under the rules")
-    use_key_padding_mask(model, model_path)
-    mask_use = unify_mask_inputs(model.graph)
-    attach_function(model, mask_use)
-    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
-
+    learned = dataclasses.replace(
+        learn_layouts(stats, sparsity, block_size, scope, keep_diagonal, causal),
+        stats_sha256=stats_sha256, onnxprune_version=__version__,
+    )
+    prune_passes(learned)(model)
+    model.metadata_props.update(learned.metadata_props())
     report = PruneReport(
         sparsity=sparsity,
         block_size=block_size,
@@ -120,21 +95,5 @@ def prune(
             for s in discovery.sites
         ],
         layouts=learned,
-    )
-    model.metadata_props.update(
-        {
-            METADATA_PREFIX + "version": __version__,
-            METADATA_PREFIX + "sparsity": repr(sparsity),
-            METADATA_PREFIX + "scope": scope,
-            METADATA_PREFIX + "block_size": str(block_size),
-            METADATA_PREFIX + "keep_diagonal": str(int(keep_diagonal)),
-            METADATA_PREFIX + "stats_sha256": stats_sha256,
-            METADATA_PREFIX + "calibration_samples": str(stats.num_samples),
-            METADATA_PREFIX + "effective_sparsity": f"{learned.effective_sparsity:.6f}",
-            METADATA_PREFIX + "sites": json.dumps(
-                {s.name: {"density": round(s.density, 6), "retained_mass": round(s.retained_mass, 6), "causal": s.causal}
-                 for s in report.sites}
-            ),
-        }
     )
     return model, report

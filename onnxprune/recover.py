@@ -31,7 +31,8 @@ import numpy as np
 
 from onnxprune.data import pad_batch
 from onnxprune.errors import OnnxpruneError
-from onnxprune.masked_attention import PrunedLayouts, apply_layouts, read_layouts, recording
+from onnxprune.layouts import RECOVERED_KEY, Layouts, load_layouts
+from onnxprune.masked_attention import apply_layouts, recording
 from onnxprune.model_io import atomic_path, file_sha256, input_names
 from onnxprune.progress import progress
 
@@ -91,12 +92,12 @@ def load_model(model_dir: str | os.PathLike):
     return model.eval()
 
 
-def masked_pair(model, pruned: PrunedLayouts):
+def masked_pair(model, pruned: Layouts):
     """(student with the layouts, its attention modules, dense teacher, its attention modules)."""
     teacher = copy.deepcopy(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    student_modules = apply_layouts(model, pruned.layouts, pruned.block_size)
+    student_modules = apply_layouts(model, pruned)
     teacher_modules = apply_layouts(teacher, None)
     return model, student_modules, teacher, teacher_modules
 
@@ -384,27 +385,17 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
 # Export again with the same layouts
 
 
-def prune_with_layouts(dense_path: str | os.PathLike, pruned: PrunedLayouts, extra_metadata: dict[str, str]):
-    """``dense_path`` with its attention sites rewritten to carry ``pruned``'s layouts (in order)."""
-    from onnx_ir import passes as ir_passes
-    from onnx_ir.passes import common as common_passes
-
+def prune_with_layouts(dense_path: str | os.PathLike, pruned: Layouts, extra_metadata: dict[str, str]):
+    """``dense_path`` pruned with ``pruned``'s layouts, given to its attention sites in order."""
     from onnxprune.model_io import load_ir
-    from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-    from onnxprune.prune import attach_function
-    from onnxprune.rules import SiteLayouts, find_sites, rewrite_rule_set
+    from onnxprune.passes import prune_passes
+    from onnxprune.rules import find_sites
 
     model = load_ir(dense_path)
-    sites = [s.name for s in find_sites(model).sites]
-    if len(sites) != len(pruned.layouts):
-        raise OnnxpruneError(f"the exported model has {len(sites)} attention sites, the layouts {len(pruned.layouts)}")
-    spec = SiteLayouts(pruned.block_size, dict(zip(sites, pruned.layouts)))
-    rewritten = rewrite_rule_set(spec).apply_to_model(model)
-    if rewritten != len(sites):
-        raise OnnxpruneError(f"rewrote {rewritten} of {len(sites)} attention sites of the exported model")
-    attach_function(model, unify_mask_inputs(model.graph))
-    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
-    model.metadata_props.update(pruned.metadata)
+    # A fresh export may name its sites differently: the layouts follow the order the sites run in.
+    layouts = pruned.renamed([s.name for s in find_sites(model).sites])
+    prune_passes(layouts)(model)
+    model.metadata_props.update(layouts.metadata_props())
     model.metadata_props.update(extra_metadata)
     return model
 
@@ -437,7 +428,7 @@ def recover(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    pruned = read_layouts(pruned_path)
+    pruned = load_layouts(pruned_path)
     names = input_names(pruned_path)
     student, student_modules, teacher, teacher_modules = masked_pair(load_model(model_dir), pruned)
     check = examples[:parity_examples]
@@ -462,13 +453,13 @@ def recover(
         # A traced length below the position table's size keeps the exported length dynamic.
         export(weights, dense, seq_len=min(64, positions // 2), opset=_opset(pruned_path), attn="eager", log=log)
         model = prune_with_layouts(dense, pruned, {
-            "onnxprune.recovered": json.dumps({"objective": config.objective, "steps": run["steps"],
+            RECOVERED_KEY: json.dumps({"objective": config.objective, "steps": run["steps"],
                                                "kept_step": run["best_step"],
                                                "elapsed_s": round(run["elapsed_s"], 1),
                                                "examples": len(examples), "from": Path(pruned_path).name}),
         })
         save_model(model, output)
-    apply_layouts(student, pruned.layouts, pruned.block_size)
+    apply_layouts(student, pruned)
     after = parity(student, output, check, names, threads)
     if after > PARITY_ATOL:
         raise OnnxpruneError(f"the recovered ONNX model differs from the fine-tuned PyTorch model by {after:.2e}")

@@ -208,3 +208,15 @@ def test_inspect_errors(problem, encoder, capsys, tmp_path):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onnxprune inspect: error:") and "Traceback" not in err[0]
+
+
+def test_unreadable_layouts_are_a_warning(encoder, capsys, tmp_path):
+    proto = onnx.load(str(encoder["pruned"]))
+    node = next(n for n in proto.graph.node if n.op_type == "BlockSparseAttention")
+    next(a for a in node.attribute if a.name == "block_size").i = 32
+    path = tmp_path / "odd.onnx"
+    onnx.save(proto, str(path))
+    info = run_json(capsys, path)
+    assert info["warnings"] == ["the layouts cannot be read: the attention nodes disagree on block_size ([16, 32])"]
+    assert len(info["pruned_sites"]) == 2 and info["pruning"] is None
+    assert all(p["layout_shape"] is None and p["density"] is None for p in info["pruned_sites"])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from onnxprune.errors import OnnxpruneError
-from onnxprune.layouts import SiteLayout, effective_sparsity, learn_layouts, looks_causal
+from onnxprune.layouts import (
+    Layouts, SiteLayout, effective_sparsity, learn_layouts, looks_causal, node_site, read_layouts,
+)
 from onnxprune.stats import Stats
 
 G = 16  # granularity
@@ -236,3 +241,73 @@ def test_block_size_not_a_multiple_of_granularity():
 def test_bad_scope():
     with pytest.raises(OnnxpruneError, match="scope"):
         learn_layouts(make_stats({"a": distinct_scores(1)}), 0.5, 16, "model")
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts in a model: what metadata_props writes, read_layouts reads back
+
+
+def _learned() -> Layouts:
+    stats = make_stats({"site0": distinct_scores(2), "site1": distinct_scores(2, seed=1)})
+    learned = learn_layouts(stats, 0.5, 16, "head", causal_sites={"site1"})
+    return dataclasses.replace(learned, stats_sha256="ab" * 32, onnxprune_version="9.9")
+
+
+def _model_with(layouts: Layouts):
+    """Two BlockSparseAttention nodes (sites ``site0``, ``site1``) carrying ``layouts``."""
+    from test_passes import two_sites_model
+    from test_rules import to_ir
+
+    model = to_ir(two_sites_model(None, None))
+    for node in model.graph:
+        node.attributes["block_size"] = ir.AttrInt64("block_size", layouts.block_size)
+        node.inputs[3].const_value = ir.tensor(layouts.sites[node_site(node)].layout)
+    model.metadata_props.update(layouts.metadata_props())
+    return model
+
+
+def test_read_layouts_gives_back_what_was_written():
+    learned = _learned()
+    read = read_layouts(_model_with(learned))
+    assert list(read.sites) == ["site0", "site1"]
+    for name, site in learned.sites.items():
+        np.testing.assert_array_equal(read.sites[name].layout, site.layout)
+        assert read.sites[name].causal == site.causal
+        assert read.sites[name].density == pytest.approx(site.density, abs=1e-6)
+        assert read.sites[name].retained_mass == pytest.approx(site.retained_mass, abs=1e-6)
+        assert read.sites[name].rule is None
+    assert read.metadata() == pytest.approx(learned.metadata(), abs=1e-6)
+    assert (read.version, read.scope, read.keep_diagonal, read.calibration_samples) == (1, "head", True, 1)
+    assert read.recorded()
+
+
+def test_read_layouts_without_metadata_and_with_bad_values():
+    model = _model_with(_learned())
+    model.metadata_props.clear()
+    model.metadata_props["onnxprune.sparsity"] = "half"
+    read = read_layouts(model)
+    assert read.block_size == 16 and read.sparsity is None and not read.recorded()
+    assert read.sites["site0"].density is None and read.sites["site1"].causal is False  # the node's is_causal
+
+
+def test_read_layouts_errors():
+    from test_rules import eager_model, to_ir
+
+    with pytest.raises(OnnxpruneError, match="no onnxprune.BlockSparseAttention node"):
+        read_layouts(to_ir(eager_model()))
+    model = _model_with(_learned())
+    node = next(iter(model.graph))
+    node.attributes["block_size"] = ir.AttrInt64("block_size", 32)
+    with pytest.raises(OnnxpruneError, match=r"disagree on block_size \(\[16, 32\]\)"):
+        read_layouts(model)
+    node.replace_input_with(3, node.inputs[0])
+    with pytest.raises(OnnxpruneError, match="no constant layout initializer"):
+        read_layouts(model)
+
+
+def test_renamed_keeps_the_order():
+    learned = _learned()
+    renamed = learned.renamed(["a", "b"])
+    assert list(renamed.sites) == ["a", "b"] and renamed.sites["b"] is learned.sites["site1"]
+    with pytest.raises(OnnxpruneError, match="the model has 3 attention sites, the layouts 2"):
+        learned.renamed(["a", "b", "c"])

@@ -73,8 +73,8 @@ def test_sequence_longer_than_layout_is_an_error():
         _run(x, x, x, layout, 16)
 
 
-def test_read_layouts_rejects_a_dense_model(tiny_model):
-    from onnxprune.masked_attention import read_layouts
+def test_load_layouts_rejects_a_dense_model(tiny_model):
+    from onnxprune.layouts import load_layouts
 
     with pytest.raises(OnnxpruneError, match="no onnxprune.BlockSparseAttention node"):
-        read_layouts(tiny_model("bert", "dynamo-eager-20"))
+        load_layouts(tiny_model("bert", "dynamo-eager-20"))

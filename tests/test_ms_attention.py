@@ -15,9 +15,10 @@ from onnx import TensorProto as T
 from onnx import helper
 
 from onnxprune import op_schema
+from onnxprune.passes import prune_passes
 from onnxprune.rules import decompose_fused_attention, find_sites
 from onnxprune.runtime import session
-from test_rules import ATOL, BLOCK, make_model, run_plain, to_ir, vi
+from test_rules import ATOL, full_layouts, make_model, run_plain, to_ir, vi
 
 B, S, H, D = 2, 20, 4, 8
 HIDDEN = H * D
@@ -78,22 +79,11 @@ def feeds_for(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def prune_fused(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Decompose, then rewrite every site with an all-ones layout, as ``prune.prune`` does."""
-    from onnx_ir import passes as ir_passes
-    from onnx_ir.passes import common as common_passes
-
-    from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-    from onnxprune.prune import attach_function
-    from onnxprune.rules import SiteLayouts, rewrite_rule_set
-
+    """Rewrite every site with an all-ones layout, as ``prune.prune`` does (the pipeline decomposes)."""
     model = to_ir(proto)
-    assert decompose_fused_attention(model) == 1
-    sites = find_sites(model).sites
-    m = -(-S // BLOCK)
-    spec = SiteLayouts(BLOCK, {s.name: np.ones((H, m, m), np.uint8) for s in sites})
-    assert rewrite_rule_set(spec).apply_to_model(model) == len(sites) == 1
-    attach_function(model, unify_mask_inputs(model.graph))
-    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
+    [site] = find_sites(model).sites  # found as the fused op, named as the pipeline's decomposition names it
+    assert prune_passes(full_layouts([site.name], H, S, S))(model).modified
+    assert not any(n.op_type in ("Attention", "Softmax") for n in model.graph)
     return ir.serde.serialize_model(model)
 
 

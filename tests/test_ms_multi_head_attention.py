@@ -13,9 +13,10 @@ from onnx import TensorProto as T
 from onnx import helper
 
 from onnxprune import op_schema
-from onnxprune.rules import SiteLayouts, decompose_fused_attention, find_sites, rewrite_rule_set
+from onnxprune.passes import prune_passes
+from onnxprune.rules import decompose_fused_attention, find_sites
 from onnxprune.runtime import session
-from test_rules import ATOL, BLOCK, make_model, run_plain, to_ir, vi
+from test_rules import ATOL, full_layouts, make_model, run_plain, to_ir, vi
 
 B, SQ, SK, H, D = 2, 20, 37, 4, 8  # cross-attention: Sq ≠ Sk, neither a multiple of the block
 HIDDEN = H * D
@@ -69,19 +70,10 @@ def feeds_for(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def prune_fused(proto: onnx.ModelProto, sk: int) -> onnx.ModelProto:
-    from onnx_ir import passes as ir_passes
-    from onnx_ir.passes import common as common_passes
-
-    from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-    from onnxprune.prune import attach_function
-
     model = to_ir(proto)
-    assert decompose_fused_attention(model) == 1
-    sites = find_sites(model).sites
-    layout = np.ones((H, -(-SQ // BLOCK), -(-sk // BLOCK)), np.uint8)  # rectangular
-    assert rewrite_rule_set(SiteLayouts(BLOCK, {s.name: layout for s in sites})).apply_to_model(model) == 1
-    attach_function(model, unify_mask_inputs(model.graph))
-    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
+    [site] = find_sites(model).sites
+    prune_passes(full_layouts([site.name], H, SQ, sk))(model)  # rectangular layout
+    assert not any(n.op_type in ("MultiHeadAttention", "Softmax") for n in model.graph)
     return ir.serde.serialize_model(model)
 
 

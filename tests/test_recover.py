@@ -55,17 +55,40 @@ def pruned_tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("arch,p", [("bert", 0.0), ("bert", 0.9), ("gpt2", 0.5), ("gpt2", 0.9)])
 def test_masked_torch_equals_pruned_onnx(pruned_tiny, arch, p):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import load_model, masked_pair, parity
 
     model_dir, pruned, examples = pruned_tiny(arch, p)
-    layouts = read_layouts(pruned)
+    layouts = load_layouts(pruned)
     student, _, teacher, _ = masked_pair(load_model(model_dir), layouts)
     names = input_names(pruned)
     assert parity(student, pruned, examples[:12], names) < 1e-4
     if p >= 0.5:  # the layouts really change the output: the dense teacher does not match
         assert parity(teacher, pruned, examples[:12], names) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_prune_and_recover_rewrite_the_sites_alike(pruned_tiny, arch):
+    # The same pipeline: recover's re-export takes key_padding_mask where prune did, not the S×S attn_mask.
+    from pathlib import Path
+
+    from onnxprune.layouts import attention_nodes, load_layouts
+    from onnxprune.model_io import load_ir
+    from onnxprune.recover import prune_with_layouts
+
+    _, pruned, _ = pruned_tiny(arch, 0.5)
+    dense = Path(pruned).parent / f"{arch}.onnx"
+
+    def calls(model):
+        return [([v.name if v is not None else "" for v in n.inputs], n.attributes["is_causal"].as_int())
+                for n in attention_nodes(model.graph)]
+
+    recovered = calls(prune_with_layouts(dense, load_layouts(pruned), {}))
+    assert recovered == calls(load_ir(pruned))
+    assert len(recovered) == 2
+    assert all(inputs[4:] == ["", "attention_mask"] for inputs, _ in recovered)
+    assert {causal for _, causal in recovered} == {int(arch == "gpt2")}
 
 
 def _config(**overrides):
@@ -78,12 +101,12 @@ def _config(**overrides):
 
 @pytest.mark.parametrize("objective", ["embedding", "hidden", "hidden+attention"])
 def test_distillation_lowers_the_loss(pruned_tiny, objective):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
-    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), read_layouts(pruned))
+    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), load_layouts(pruned))
     run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned), _config(objective=objective, steps=30),
                   log=lambda *a: None, show_progress=False)
     assert run["steps"] == 30 and run["stopped_by"] == "steps"
@@ -91,12 +114,12 @@ def test_distillation_lowers_the_loss(pruned_tiny, objective):
 
 
 def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    layouts, names = read_layouts(pruned), input_names(pruned)
+    layouts, names = load_layouts(pruned), input_names(pruned)
     quiet = dict(log=lambda *a: None, show_progress=False)
 
     straight = masked_pair(load_model(model_dir), layouts)
@@ -119,12 +142,12 @@ def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
 
 
 def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    layouts, names = read_layouts(pruned), input_names(pruned)
+    layouts, names = load_layouts(pruned), input_names(pruned)
     checkpoint = str(tmp_path / "run.ckpt")
     distill(*masked_pair(load_model(model_dir), layouts), examples, names, _config(steps=2, checkpoint=checkpoint),
             fingerprint="a", log=lambda *a: None, show_progress=False)
@@ -134,24 +157,24 @@ def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
 
 
 def test_time_budget_stops_training(pruned_tiny):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    run = distill(*masked_pair(load_model(model_dir), read_layouts(pruned)), examples, input_names(pruned),
+    run = distill(*masked_pair(load_model(model_dir), load_layouts(pruned)), examples, input_names(pruned),
                   _config(steps=10_000, time_budget_s=0.5), log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "time budget" and 0 < run["steps"] < 10_000
 
 
 def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import _validation_split, distill, load_model, masked_pair, validation_loss
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
     names = input_names(pruned)
-    pair = masked_pair(load_model(model_dir), read_layouts(pruned))
+    pair = masked_pair(load_model(model_dir), load_layouts(pruned))
     config = _config(steps=12, validate_every=3, validation_examples=8, objective="hidden")
     run = distill(*pair, examples, names, config, log=lambda *a: None, show_progress=False)
     steps, losses = zip(*run["validation"])
@@ -165,12 +188,12 @@ def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
 
 def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
     # A learning rate far too high wrecks the student; validation sees it and keeps step 0's state.
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), read_layouts(pruned))
+    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), load_layouts(pruned))
     run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned),
                   _config(steps=6, learning_rate=3.0, warmup_steps=1, validate_every=3, validation_examples=8),
                   log=lambda *a: None, show_progress=False)
@@ -180,13 +203,13 @@ def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
 
 
 def test_patience_stops_a_run_that_no_longer_improves(pruned_tiny):
-    from onnxprune.masked_attention import read_layouts
+    from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import distill, load_model, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     config = _config(steps=1000, learning_rate=3.0, warmup_steps=1, validate_every=2, validation_examples=8, patience=2)
-    run = distill(*masked_pair(load_model(model_dir), read_layouts(pruned)), examples, input_names(pruned), config,
+    run = distill(*masked_pair(load_model(model_dir), load_layouts(pruned)), examples, input_names(pruned), config,
                   log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "no improvement" and run["best_step"] == 0 and run["steps"] == 4
 
@@ -195,7 +218,8 @@ def test_patience_stops_a_run_that_no_longer_improves(pruned_tiny):
 def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, ops_library, arch):
     import onnx
 
-    from onnxprune.masked_attention import apply_layouts, read_layouts
+    from onnxprune.layouts import load_layouts
+    from onnxprune.masked_attention import apply_layouts
     from onnxprune.model_io import input_names
     from onnxprune.recover import load_model, parity, recover
 
@@ -204,16 +228,17 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
     # No validation: the last state is exported whatever it scores (the test is about the export).
     report = recover(model_dir, pruned, examples, output, _config(steps=6, validation_examples=0), log=lambda *a: None,
                      show_progress=False)
-    before, after = read_layouts(pruned), read_layouts(output)
+    before, after = load_layouts(pruned), load_layouts(output)
     assert after.block_size == before.block_size
-    for a, b in zip(before.layouts, after.layouts):
-        np.testing.assert_array_equal(a, b)
+    assert len(after.sites) == len(before.sites)
+    for a, b in zip(before.sites.values(), after.sites.values()):
+        np.testing.assert_array_equal(a.layout, b.layout)
     metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert metadata["onnxprune.sparsity"] == "0.5" and '"steps": 6' in metadata["onnxprune.recovered"]
     assert report.parity_before < 1e-4 and report.parity_after < 1e-4
     # The weights changed: the recovered file no longer equals the original masked model.
     original = load_model(model_dir)
-    apply_layouts(original, before.layouts, before.block_size)
+    apply_layouts(original, before)
     assert parity(original, output, examples[:8], input_names(output)) > 1e-4
 
 

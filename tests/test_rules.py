@@ -17,14 +17,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper
-from onnx_ir import passes as ir_passes
-from onnx_ir.passes import common as common_passes
 
 from onnxprune import op_schema
+from onnxprune.layouts import Layouts, SiteLayout
 from onnxprune.model_io import ensure_node_names
-from onnxprune.passes.unify_mask_inputs import unify_mask_inputs
-from onnxprune.prune import attach_function
-from onnxprune.rules import SiteLayouts, find_sites, rewrite_rule_set
+from onnxprune.passes import prune_passes
+from onnxprune.rules import find_sites, rewrite_rule_set
 from onnxprune.runtime import session
 
 B, H, S, D = 2, 4, 20, 8  # S is not a multiple of the block
@@ -82,17 +80,16 @@ def run_plain(proto: onnx.ModelProto, feeds) -> np.ndarray:
     return sess.run(["Y"], feeds)[0]
 
 
+def full_layouts(names, heads: int = H, sq: int = S, sk: int = S) -> Layouts:
+    """An all-ones layout for each site."""
+    return Layouts(BLOCK, {name: SiteLayout(np.ones((heads, -(-sq // BLOCK), -(-sk // BLOCK)), np.uint8))
+                           for name in names})
+
+
 def prune_full(proto: onnx.ModelProto, heads: int = H) -> onnx.ModelProto:
     """Rewrite every site with an all-ones layout, as ``prune.prune`` does after learning."""
     model = to_ir(proto)
-    sites = find_sites(model).sites
-    m = -(-S // BLOCK)
-    spec = SiteLayouts(BLOCK, {s.name: np.ones((heads, m, m), np.uint8) for s in sites})
-    count = rewrite_rule_set(spec).apply_to_model(model)
-    assert count == len(sites)
-    mask_use = unify_mask_inputs(model.graph)
-    attach_function(model, mask_use)
-    ir_passes.Sequential(common_passes.RemoveUnusedNodesPass(), common_passes.RemoveUnusedOpsetsPass())(model)
+    prune_passes(full_layouts([s.name for s in find_sites(model).sites], heads))(model)
     return ir.serde.serialize_model(model)
 
 
@@ -511,7 +508,7 @@ def test_attention_with_softcap():
 
 def test_rewrite_skips_site_without_layout():
     model = to_ir(eager_model())
-    count = rewrite_rule_set(SiteLayouts(BLOCK, {"some_other_site": np.ones((H, 2, 2), np.uint8)})).apply_to_model(model)
+    count = rewrite_rule_set(full_layouts(["some_other_site"])).apply_to_model(model)
     assert count == 0
     assert [n.op_type for n in model.graph].count("Softmax") == 1
 
@@ -520,7 +517,7 @@ def test_rewrite_carries_the_layout_as_initializer(ops_library):
     model = to_ir(eager_model())
     layout = np.zeros((H, 2, 2), np.uint8)
     layout[:, 0, 0] = layout[:, 1, 1] = layout[:, 1, 0] = 1
-    count = rewrite_rule_set(SiteLayouts(BLOCK, {"the_softmax": layout})).apply_to_model(model)
+    count = rewrite_rule_set(Layouts(BLOCK, {"the_softmax": SiteLayout(layout)})).apply_to_model(model)
     assert count == 1
     name = op_schema.layout_name("the_softmax")
     assert name in model.graph.initializers

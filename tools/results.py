@@ -161,7 +161,7 @@ def run_sweep(out: Path, quick: bool, full: bool = False) -> None:
             learned = learn_layouts(stats, p, block, scope)
         else:
             learned = learn_element_masks(stats, p, scope)
-        apply_layouts(model, [learned.sites[s].layout for s in stats.sites], block)
+        apply_layouts(model, learned)
         emb = torch_embeddings(model, evaluation, names)
         row = {"kind": kind, "block": block, "scope": scope, "p": p,
                "effective_sparsity_calibration": learned.effective_sparsity,
@@ -180,7 +180,7 @@ def run_sweep(out: Path, quick: bool, full: bool = False) -> None:
         save_model(pruned_model, pruned_path)
         ort_emb = sentence_embeddings(pruned_path, _dataset(evaluation, names), threads=THREADS)
         learned = report.layouts
-        apply_layouts(model, [learned.sites[s].layout for s in stats.sites], 16)
+        apply_layouts(model, learned)
         torch_emb = torch_embeddings(model, evaluation, names)
         entry = {"p": p, "path": pruned_path.name, **quality(ort_emb, dense_emb, dense_nn),
                  "max_abs_embedding_diff_vs_torch": float(np.abs(ort_emb - torch_emb).max())}
@@ -406,7 +406,7 @@ def onnx_perplexity(path: Path, embedding: np.ndarray, windows, names) -> float:
 
 
 def export_pruned_base(lm, folder: Path, name: str, layouts) -> Path:
-    """Export ``lm``'s base model; with ``layouts`` (PrunedLayouts) also prune it with them."""
+    """Export ``lm``'s base model; with ``layouts`` (Layouts) also prune it with them."""
     from onnxprune.export import export
     from onnxprune.model_io import save_model
     from onnxprune.recover import prune_with_layouts
@@ -433,7 +433,8 @@ def run_decoder(out: Path, quick: bool, train_steps: int | None = None) -> None:
 
     from onnxprune.calibrate import calibrate
     from onnxprune.data import Dataset
-    from onnxprune.masked_attention import apply_layouts, read_layouts
+    from onnxprune.layouts import load_layouts
+    from onnxprune.masked_attention import apply_layouts
     from onnxprune.model_io import load_model, save_model
     from onnxprune.prune import prune
     from onnxprune.recover import RecoverConfig, recover
@@ -486,7 +487,7 @@ def run_decoder(out: Path, quick: bool, train_steps: int | None = None) -> None:
                   "perplexity": onnx_perplexity(path, embedding, held_out, names)})
     for p in (0.9,) if quick else FINE_TUNE_SPARSITIES:
         pruned_path = folder / f"gpt2.p{int(p * 100):02d}.onnx"
-        layouts = read_layouts(pruned_path)
+        layouts = load_layouts(pruned_path)
         # recover: self-distillation from the dense model's hidden states (no labels)
         base_dir = folder / "gpt2.base"
         output = folder / f"gpt2.p{int(p * 100):02d}.recovered.onnx"
@@ -501,7 +502,7 @@ def run_decoder(out: Path, quick: bool, train_steps: int | None = None) -> None:
         log(f"recover p={p}: perplexity {tuned[-1]['perplexity']:.3f}")
         # the paper's way: the language-model objective with the mask applied
         masked_lm = copy.deepcopy(lm)
-        apply_layouts(masked_lm, layouts.layouts, layouts.block_size)
+        apply_layouts(masked_lm, layouts)
         extra = train_lm(masked_lm, train, tune_steps, 5e-4, seed=1)
         path = export_pruned_base(masked_lm, folder, f"gpt2.p{int(p * 100):02d}.lm-tuned", layouts)
         tuned.append({"p": p, "how": "LM fine-tune with the mask", **extra,

@@ -17,14 +17,11 @@ function body is specialised to one set of inputs).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
-import onnx.utils
 import onnx_ir as ir
 
-from onnxprune.passes.unify_mask_inputs import attention_nodes
+from onnxprune.layouts import attention_nodes
 
 #: The graph input that carries the padding, by the transformers convention.
 PADDING_INPUT = "attention_mask"
@@ -35,44 +32,83 @@ _PROBE_LENGTHS = (5, 11)
 _PROBE_BATCH = 3
 
 
-def use_key_padding_mask(model: ir.Model, dense_path: str | os.PathLike) -> int:
-    """Rewires every ``BlockSparseAttention`` node of ``model`` (rewritten from ``dense_path``)
-    to ``key_padding_mask`` when each site's mask is the padding (or padding + causal) mask of
-    the graph input ``attention_mask``. Returns the number of nodes changed (0 or all)."""
-    nodes = attention_nodes(model.graph)
-    padding = next((v for v in model.graph.inputs if v.name == PADDING_INPUT), None)
-    if not nodes or padding is None or padding.shape is None or len(padding.shape) != 2:
-        return 0
-    masks = [n.inputs[4] if len(n.inputs) > 4 else None for n in nodes]
-    if any(m is None or m.producer() is None for m in masks):
-        return 0  # no mask, or one that is a graph input or a constant: nothing to gain or know
-    names = sorted({m.name for m in masks})
-    kinds = _mask_kinds(dense_path, names)
-    if kinds is None or any(kinds[m.name] is None for m in masks):
-        return 0
-    for node, mask in zip(nodes, masks):
-        node.resize_inputs(6)
-        node.replace_input_with(4, None)
-        node.replace_input_with(5, padding)
-        if kinds[mask.name] == "padding+causal":
-            node.attributes["is_causal"] = ir.AttrInt64("is_causal", 1)
-    return len(nodes)
+class KeyPaddingMaskPass(ir.passes.InPlacePass):
+    """Rewires every ``BlockSparseAttention`` node to ``key_padding_mask`` when each site's mask is
+    the padding (or padding + causal) mask of the graph input ``attention_mask``; all or none."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = attention_nodes(model.graph)
+        padding = next((v for v in model.graph.inputs if v.name == PADDING_INPUT), None)
+        if not nodes or padding is None or padding.shape is None or len(padding.shape) != 2:
+            return ir.passes.PassResult(model, False)
+        masks = [n.inputs[4] if len(n.inputs) > 4 else None for n in nodes]
+        if any(m is None or m.producer() is None for m in masks):
+            # no mask, or one that is a graph input or a constant: nothing to gain or know
+            return ir.passes.PassResult(model, False)
+        kinds = _mask_kinds(model, list(dict.fromkeys(masks)))
+        if kinds is None or any(kinds[m] is None for m in masks):
+            return ir.passes.PassResult(model, False)
+        for node, mask in zip(nodes, masks):
+            node.resize_inputs(6)
+            node.replace_input_with(4, None)
+            node.replace_input_with(5, padding)
+            if kinds[mask] == "padding+causal":
+                node.attributes["is_causal"] = ir.AttrInt64("is_causal", 1)
+        return ir.passes.PassResult(model, True)
 
 
-def _mask_kinds(dense_path, names: list[str]) -> dict[str, str | None] | None:
-    """For each mask value: "padding", "padding+causal" or None, from probe runs of the dense
-    model's mask subgraph; None when the subgraph cannot be run on probe inputs at all."""
+def mask_subgraph(model: ir.Model, outputs: list[ir.Value]) -> onnx.ModelProto | None:
+    """The nodes of ``model`` that compute ``outputs``, as a model of their own with the graph
+    inputs and constants they read; None when they cannot stand alone (a control-flow node may
+    read outer values; a value without a name or type)."""
+    needed: set[ir.Node] = set()
+    inputs: dict[str, ir.Value] = {}
+    constants: dict[str, ir.Value] = {}
+    stack = list(outputs)
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None:
+            (constants if value.const_value is not None else inputs)[value.name] = value
+        elif node not in needed:
+            if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+                return None
+            needed.add(node)
+            stack.extend(v for v in node.inputs if v is not None)
+    named = [*inputs.values(), *constants.values(), *(o for n in needed for o in n.outputs)]
+    if not all(v.name for v in named) or any(v.type is None for v in [*inputs.values(), *outputs]):
+        return None
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in model.graph if n in needed],
+        "masks",
+        [ir.serde.serialize_value(v) for v in inputs.values()],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in outputs],
+        initializer=[onnx.numpy_helper.from_array(v.const_value.numpy(), name) for name, v in constants.items()],
+    )
+    called = {(n.domain, n.op_type, n.overload) for n in needed}
+    functions = [f for key, f in model.functions.items() if key in called]
+    domains = {""} | {n.domain for n in needed} | {d for f in functions for d in f.opset_imports}
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items() if d in domains]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    proto.functions.extend(ir.serde.serialize_function(f) for f in functions)
+    return proto
+
+
+def _mask_kinds(model: ir.Model, masks: list[ir.Value]) -> dict[ir.Value, str | None] | None:
+    """For each mask value: "padding", "padding+causal" or None, from probe runs of the masks'
+    subgraph; None when the subgraph cannot be run on probe inputs at all."""
     import onnxruntime as ort
 
-    proto = onnx.load(str(dense_path), load_external_data=False)
-    inputs = [i.name for i in proto.graph.input]
+    sub = mask_subgraph(model, masks)
+    if sub is None:
+        return None
     try:
-        sub = onnx.utils.Extractor(proto).extract_model(inputs, names)
         options = ort.SessionOptions()
         options.log_severity_level = 4
         sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 - e.g. external data the subgraph needs: keep the masks as they are
+    except Exception:  # noqa: BLE001 - a subgraph ORT cannot load: keep the masks as they are
         return None
+    names = [m.name for m in masks]
     kinds: dict[str, set[str]] = {name: {"padding", "padding+causal"} for name in names}
     rng = np.random.default_rng(0)
     for length in _PROBE_LENGTHS:
@@ -84,15 +120,16 @@ def _mask_kinds(dense_path, names: list[str]) -> dict[str, str | None] | None:
                 return None  # an input we cannot probe (images, extra axes)
             feeds[graph_input.name] = keep.astype(dtype) if graph_input.name == PADDING_INPUT else np.zeros(keep.shape, dtype)
         if PADDING_INPUT not in feeds:
-            return {name: None for name in names}  # the masks do not depend on the padding
+            return dict.fromkeys(masks)  # the masks do not depend on the padding
         try:
             values = sess.run(names, feeds)
         except Exception:  # noqa: BLE001 - the subgraph rejects probe inputs: keep the masks
             return None
         for name, value in zip(names, values):
-            kinds[name] = {k for k in kinds[name] if _matches(value, keep, causal=k == "padding+causal")}
+            kinds[name] = {k for k in kinds[name] if is_padding_mask(value, keep, causal=k == "padding+causal")}
     # "padding" is preferred when both fit (a mask that is the same for every query).
-    return {name: ("padding" if "padding" in k else next(iter(k), None)) for name, k in kinds.items()}
+    return {mask: ("padding" if "padding" in kinds[name] else next(iter(kinds[name]), None))
+            for mask, name in zip(masks, names)}
 
 
 def _probe_padding(rng, length: int) -> np.ndarray:
@@ -103,7 +140,9 @@ def _probe_padding(rng, length: int) -> np.ndarray:
     return keep
 
 
-def _matches(mask: np.ndarray, keep: np.ndarray, causal: bool) -> bool:
+def is_padding_mask(mask: np.ndarray, keep: np.ndarray, causal: bool) -> bool:
+    """Whether ``mask`` (additive or bool) keeps exactly the keys ``keep`` marks (and, ``causal``,
+    no key after its query), with fills that make a probability exactly 0."""
     batch, length = keep.shape
     if mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
         return False

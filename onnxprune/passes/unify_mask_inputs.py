@@ -2,7 +2,7 @@
 
 The op's function body is specialised to one form (see ``op_function``). Where sites differ,
 all move to a float additive mask: a bool mask becomes ``Where(m, 0, -inf)`` and a site without
-a mask gets a broadcast zero. Returns the form the nodes now share.
+a mask gets a broadcast zero.
 """
 
 from __future__ import annotations
@@ -10,12 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import op_schema
-from onnxprune.op_function import MaskUse
-
-
-def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.domain == op_schema.DOMAIN and n.op_type == op_schema.OP_TYPE]
+from onnxprune.layouts import attention_nodes
 
 
 def _mask_kind(node: ir.Node) -> str | None:
@@ -25,36 +20,30 @@ def _mask_kind(node: ir.Node) -> str | None:
     return "bool" if mask.dtype == ir.DataType.BOOL else "float"
 
 
-def unify_mask_inputs(graph: ir.Graph) -> MaskUse:
-    nodes = attention_nodes(graph)
-    kinds = {_mask_kind(n) for n in nodes}
-    has_kpm = any(len(n.inputs) > 5 and n.inputs[5] is not None for n in nodes)
-    if len(kinds) <= 1:
-        return MaskUse(attn_mask=next(iter(kinds), None), key_padding_mask=has_kpm)
-    zero = ir.Value(name="onnxprune.zero_mask", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
-    zero.const_value = ir.tensor(np.zeros([1], np.float32), name=zero.name)
-    neg_inf = ir.Value(name="onnxprune.neg_inf", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
-    neg_inf.const_value = ir.tensor(np.array(-np.inf, np.float32), name=neg_inf.name)
-    graph.register_initializer(zero)
-    graph.register_initializer(neg_inf)
-    for node in nodes:
-        kind = _mask_kind(node)
-        if kind == "float":
-            continue
-        if kind == "bool":
-            where = ir.Node("", "Where", [node.inputs[4], zero, neg_inf], name=f"{node.name}/mask_to_float")
-            graph.insert_before(node, where)
-            node.replace_input_with(4, where.outputs[0])
-            where.outputs[0].dtype = ir.DataType.FLOAT
-        else:
-            inputs = list(node.inputs[:4]) + [zero] + list(node.inputs[5:])
-            replacement = ir.Node(
-                node.domain, node.op_type, inputs, attributes=node.attributes.values(), name=node.name,
-                num_outputs=1,
-            )
-            graph.insert_before(node, replacement)
-            output_name = node.outputs[0].name
-            ir.convenience.replace_all_uses_with(node.outputs[0], replacement.outputs[0], replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            replacement.outputs[0].name = output_name
-    return MaskUse(attn_mask="float", key_padding_mask=has_kpm)
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    value.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+class UnifyMaskInputsPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = attention_nodes(graph)
+        if len({_mask_kind(n) for n in nodes}) <= 1:
+            return ir.passes.PassResult(model, False)
+        zero = _constant(graph, "onnxprune.zero_mask", np.zeros([1], np.float32))
+        neg_inf = _constant(graph, "onnxprune.neg_inf", np.array(-np.inf, np.float32))
+        for node in nodes:
+            kind = _mask_kind(node)
+            if kind == "bool":
+                where = ir.Node("", "Where", [node.inputs[4], zero, neg_inf], name=f"{node.name}/mask_to_float")
+                graph.insert_before(node, where)
+                node.replace_input_with(4, where.outputs[0])
+                where.outputs[0].dtype = ir.DataType.FLOAT
+            elif kind is None:
+                node.resize_inputs(max(len(node.inputs), 5))
+                node.replace_input_with(4, zero)
+        return ir.passes.PassResult(model, True)
+

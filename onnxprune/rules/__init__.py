@@ -11,7 +11,8 @@ import dataclasses
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from onnxprune.rules._common import SiteLayouts, SiteMatch
+from onnxprune.layouts import Layouts
+from onnxprune.rules._common import SiteMatch
 from onnxprune.rules._diagnose import explain_unmatched_softmax
 from onnxprune.rules._site_rule import SiteRule
 from onnxprune.rules._fused_attention import MS_DOMAIN, SITE_KEY
@@ -23,7 +24,7 @@ from onnxprune.rules.onnx_attention import OnnxAttention
 from onnxprune.rules.sdpa_decomposed_attention import SdpaDecomposedAttention
 
 __all__ = [
-    "Discovery", "SiteLayouts", "SiteMatch", "decompose_fused_attention", "find_sites", "make_site_rules",
+    "Discovery", "SiteMatch", "decompose_fused_attention", "find_sites", "make_site_rules",
     "rewrite_rule_set",
 ]
 
@@ -33,7 +34,7 @@ ATTENTION_OPS = {
 }
 
 
-def make_site_rules(layouts: SiteLayouts | None = None) -> list[SiteRule]:
+def make_site_rules(layouts: Layouts | None = None) -> list[SiteRule]:
     # Longer patterns first: the SDPA form also contains an eager-looking tail.
     return [
         SdpaDecomposedAttention("SdpaDecomposedAttention", layouts),
@@ -68,7 +69,7 @@ def decompose_fused_attention(model: ir.Model) -> int:
     return count
 
 
-def rewrite_rule_set(layouts: SiteLayouts) -> pattern.RewriteRuleSet:
+def rewrite_rule_set(layouts: Layouts) -> pattern.RewriteRuleSet:
     rules = [
         pattern.RewriteRule(r.pattern, r.rewrite, r.check, name=r.name) for r in make_site_rules(layouts)
     ]

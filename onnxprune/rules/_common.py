@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
 from onnxprune import op_schema
+from onnxprune.layouts import Layouts
 
 
 @dataclasses.dataclass
@@ -67,14 +68,6 @@ class SiteMatch:
         if self.fused:  # ORT's key mask: 1-D end positions or 2-D 0/1 per key
             return "key-padding"
         return "bool" if self.mask.dtype == ir.DataType.BOOL else "float"
-
-
-@dataclasses.dataclass
-class SiteLayouts:
-    """The layouts a prune assigns: ``layouts[site]`` is uint8 ``[Hl, Mq, Mk]``."""
-
-    block_size: int
-    layouts: dict[str, np.ndarray]
 
 
 def scalar_constant(value: ir.Value | None) -> float | None:
@@ -172,9 +165,9 @@ def grouped_source(value: ir.Value) -> ir.Value:
     return source
 
 
-def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Value:
+def emit_block_sparse_attention(op, site: SiteMatch, layouts: Layouts) -> ir.Value:
     """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout."""
-    layout = np.ascontiguousarray(spec.layouts[site.name], dtype=np.uint8)
+    layout = np.ascontiguousarray(layouts.sites[site.name].layout, dtype=np.uint8)
     layout_value = op.initializer(ir.tensor(layout, name=op_schema.layout_name(site.name)))
     k = site.k
     if k is None:
@@ -199,7 +192,7 @@ def emit_block_sparse_attention(op, site: SiteMatch, spec: SiteLayouts) -> ir.Va
         inputs.append(mask)
     return op.BlockSparseAttention(
         *inputs,
-        block_size=spec.block_size,
+        block_size=layouts.block_size,
         scale=float(site.scale),
         is_causal=int(site.is_causal),
         _domain=op_schema.DOMAIN,

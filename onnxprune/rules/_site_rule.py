@@ -6,7 +6,8 @@ import abc
 
 from onnxscript.rewriter import pattern
 
-from onnxprune.rules._common import SiteLayouts, SiteMatch, emit_block_sparse_attention
+from onnxprune.layouts import Layouts
+from onnxprune.rules._common import SiteMatch, emit_block_sparse_attention
 
 
 class SiteRule(pattern.RewriteRuleClassBase, abc.ABC):
@@ -14,12 +15,12 @@ class SiteRule(pattern.RewriteRuleClassBase, abc.ABC):
 
     Subclasses define ``pattern`` and ``site(**bindings) -> SiteMatch | str`` (a string is the
     reason the bindings are not a site the op can express). Discovery uses ``match``; the prune
-    pass gives the rule ``SiteLayouts`` and rewrites each site that has a layout.
+    pass gives the rule the ``Layouts`` and rewrites each site that has one.
     """
 
     form: str = ""
 
-    def __init__(self, name: str, layouts: SiteLayouts | None = None):
+    def __init__(self, name: str, layouts: Layouts | None = None):
         super().__init__(name)
         self.layouts = layouts
         self._site: SiteMatch | None = None
@@ -34,7 +35,7 @@ class SiteRule(pattern.RewriteRuleClassBase, abc.ABC):
             return result.fail(site)
         if site.fused:
             return result.fail("a fused op: decompose_fused_attention first")
-        if self.layouts is not None and site.name not in self.layouts.layouts:
+        if self.layouts is not None and site.name not in self.layouts.sites:
             return result.fail(f"no layout for site {site.name}")
         self._site = site
         return result
