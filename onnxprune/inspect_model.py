@@ -23,7 +23,7 @@ from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
 from onnxprune.heatmaps import SiteHeatmap
 from onnxprune.layouts import SITES_KEY, Layouts, attention_nodes, block_sum, node_site, read_layouts
-from onnxprune.model_io import file_sha256, load_ir, load_proto
+from onnxprune.model_io import ModelInfo, file_sha256, load_model
 from onnxprune.rules import find_sites
 from onnxprune.stats import Stats
 
@@ -44,33 +44,24 @@ def _io(value: ir.Value) -> dict:
     return {"name": value.name, "type": str(value.dtype) if value.dtype is not None else None, "shape": _shape(value)}
 
 
-def _tensor_bytes(tensor: onnx.TensorProto, count: int) -> int:
-    for entry in tensor.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    return math.ceil(count * ir.DataType(tensor.data_type).itemsize)
-
-
-def _parameters_and_external(proto: onnx.ModelProto, base: Path) -> tuple[dict, dict]:
+def _parameters_and_external(graph: ir.Graph, record: ModelInfo, base: Path) -> tuple[dict, dict]:
     """Initializer counts and sizes (layouts apart), and where external data lives."""
     by_type: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"tensors": 0, "count": 0, "bytes": 0})
     files: dict[str, dict] = {}
-    for tensor in proto.graph.initializer:
-        count = math.prod(tensor.dims)
-        size = _tensor_bytes(tensor, count)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            entries = {e.key: e.value for e in tensor.external_data}
-            location = entries.get("location", "")
-            info = files.setdefault(location, {"location": location, "tensors": 0, "bytes": 0})
-            info["tensors"] += 1
-            info["bytes"] += size
-        if tensor.name.startswith(op_schema.LAYOUT_PREFIX):
+    external = {name: (location, length) for name, location, length in record.external_tensors}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        count = math.prod(tensor.shape.numpy()) if tensor is not None else 0
+        size = tensor.nbytes if tensor is not None else 0
+        if name in external:
+            location, length = external[name]
+            size = length if length >= 0 else size
+            entry = files.setdefault(location, {"location": location, "tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += size
+        if name.startswith(op_schema.LAYOUT_PREFIX):
             continue  # a layout is the pruning's, not the model's weights: listed per site
-        entry = by_type[str(ir.DataType(tensor.data_type))]
+        entry = by_type[str(value.dtype)]
         entry["tensors"] += 1
         entry["count"] += count
         entry["bytes"] += size
@@ -164,11 +155,11 @@ def retained_mass(stats: Stats, site: str, layout: np.ndarray, block_size: int) 
     return float(mass[kept].sum() / total) if total > 0 else None
 
 
-def _stats_section(stats: Stats, stats_path, model_path, pruning: dict | None, site_names: list[str]) -> dict:
+def _stats_section(stats: Stats, stats_path, model_sha256: str, pruning: dict | None, site_names: list[str]) -> dict:
     if pruning is not None and pruning.get("stats_sha256"):
         matches = pruning["stats_sha256"] == file_sha256(stats_path)
     else:
-        matches = stats.model_sha256 == file_sha256(model_path)
+        matches = stats.model_sha256 == model_sha256
     return {
         "path": str(stats_path),
         "granularity": stats.granularity,
@@ -183,9 +174,8 @@ def _stats_section(stats: Stats, stats_path, model_path, pruning: dict | None, s
 def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike | None = None) -> tuple[dict, list[SiteHeatmap]]:
     """The inspection dict and, per site, what a heatmap can show."""
     path = Path(path)
-    proto = load_proto(path, load_external_data=False)
-    model = load_ir(path, load_external_data=False)
-    graph = model.graph
+    loaded = load_model(path)
+    model, graph = loaded.model, loaded.model.graph
     stats = Stats.load(stats_path) if stats_path is not None else None
 
     ops = collections.Counter(_op_name(n.domain, n.op_type) for n in graph)
@@ -216,13 +206,13 @@ def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike
             if h.name in stats.sites:
                 h.attention, h.granularity = stats.mean(h.name), stats.granularity
 
-    parameters, external = _parameters_and_external(proto, path.resolve().parent)
+    parameters, external = _parameters_and_external(graph, loaded.info, path.resolve().parent)
     info = {
         "schema": SCHEMA,
         "path": str(path),
         "file_bytes": path.stat().st_size,
-        "ir_version": proto.ir_version,
-        "producer": " ".join(p for p in (proto.producer_name, proto.producer_version) if p) or None,
+        "ir_version": model.ir_version,
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p) or None,
         "opsets": {(d or "ai.onnx"): v for d, v in sorted(model.opset_imports.items())},
         "inputs": [_io(v) for v in graph.inputs if not v.is_initializer()],
         "outputs": [_io(v) for v in graph.outputs],
@@ -246,7 +236,7 @@ def inspect_with_heatmaps(path: str | os.PathLike, stats_path: str | os.PathLike
     }
     if stats is not None:
         names = [s["name"] for s in dense] + [p["site"] for p in pruned]
-        info["stats"] = _stats_section(stats, stats_path, path, pruning, names)
+        info["stats"] = _stats_section(stats, stats_path, loaded.info.sha256, pruning, names)
     return info, heatmaps
 
 

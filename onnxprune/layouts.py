@@ -169,13 +169,15 @@ def read_layouts(model: ir.Model) -> Layouts:
     return Layouts(sites=sites, **fields)
 
 
-def load_layouts(path: str | os.PathLike) -> Layouts:
-    """:func:`read_layouts` of the model at ``path`` (its weights stay on disk)."""
-    from onnxprune.model_io import load_ir
+def load_layouts(path_or_loaded) -> Layouts:
+    """:func:`read_layouts` of the model at a path (its weights stay on disk), or of a
+    ``model_io.LoadedModel`` already read."""
+    from onnxprune.model_io import LoadedModel, load_model
 
-    model = load_ir(path)
+    loaded = path_or_loaded if isinstance(path_or_loaded, LoadedModel) else load_model(path_or_loaded)
+    path = loaded.info.path
     try:
-        return read_layouts(model)
+        return read_layouts(loaded.model)
     except OnnxpruneError as e:
         raise OnnxpruneError(f"{path}: {e}") from None
 

@@ -57,6 +57,9 @@ class ModelInfo:
     external_data_files: tuple[str, ...]  # as the model names them, relative to its folder
     #: Rows of the table that ``input_ids`` is looked up in (``Gather(table, input_ids)``), if any.
     vocab_size: int | None = None
+    #: Every initializer stored outside the file: (name, data file, bytes), as the file says —
+    #: ``load_model`` reads the small ones in, so the loaded model no longer shows them.
+    external_tensors: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -97,8 +100,12 @@ def _info(path: str | os.PathLike, sha256: str, proto: onnx.ModelProto) -> Model
     tables = {t.name: t.dims[0] for t in graph.initializer if t.dims}
     vocab = next((int(tables[n.input[0]]) for n in graph.node if n.op_type == "Gather" and len(n.input) == 2
                   and n.input[1] == "input_ids" and n.input[0] in tables), None)
-    files = [e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for e in t.external_data if e.key == "location"]
+    external = []
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in t.external_data}
+            external.append((t.name, entries.get("location", ""), int(entries.get("length", -1))))
+    files = [location for _, location, _ in external]
     constants = {t.name for t in graph.initializer}
     return ModelInfo(
         path=os.fspath(path),
@@ -108,6 +115,7 @@ def _info(path: str | os.PathLike, sha256: str, proto: onnx.ModelProto) -> Model
         opset_imports=tuple((o.domain, o.version) for o in proto.opset_import),
         external_data_files=tuple(dict.fromkeys(files)),
         vocab_size=vocab,
+        external_tensors=tuple(external),
     )
 
 

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxprune import __version__
 from onnxprune.errors import OnnxpruneError
 from onnxprune.layouts import Layouts, effective_sparsity, learn_layouts
-from onnxprune.model_io import file_sha256, load_ir
+from onnxprune.model_io import load_model
 from onnxprune.passes import prune_passes
 from onnxprune.rules import decompose_fused_attention, find_sites
 from onnxprune.stats import Stats
@@ -57,8 +57,8 @@ def prune(
     stats_sha256: str = "",
 ) -> tuple[ir.Model, PruneReport]:
     """The pruned model (in memory) and its report. ``save_model`` writes it."""
-    model = load_ir(model_path)  # first: a missing or malformed file is the clearest error
-    model_sha = file_sha256(model_path)
+    loaded = load_model(model_path)  # first: a missing or malformed file is the clearest error
+    model, model_sha = loaded.model, loaded.info.sha256
     if stats.model_sha256 != model_sha:
         raise OnnxpruneError(
             f"the statistics were computed for another model (sha256 {stats.model_sha256[:12]}…, "

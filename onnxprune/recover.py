@@ -33,7 +33,7 @@ from onnxprune.data import pad_batch
 from onnxprune.errors import OnnxpruneError
 from onnxprune.layouts import RECOVERED_KEY, Layouts, load_layouts
 from onnxprune.masked_attention import apply_layouts, recording
-from onnxprune.model_io import atomic_path, file_sha256, input_names
+from onnxprune.model_io import atomic_path, load_model
 from onnxprune.progress import progress
 
 OBJECTIVES = ("embedding", "hidden", "hidden+attention")
@@ -82,7 +82,7 @@ class RecoverReport:
 # Models
 
 
-def load_model(model_dir: str | os.PathLike):
+def load_pretrained(model_dir: str | os.PathLike):
     """The transformers base model (hidden states out) with eager attention, in eval mode."""
     from transformers import AutoModel
 
@@ -387,24 +387,16 @@ def distill(student, student_modules, teacher, teacher_modules, examples: list[n
 
 def prune_with_layouts(dense_path: str | os.PathLike, pruned: Layouts, extra_metadata: dict[str, str]):
     """``dense_path`` pruned with ``pruned``'s layouts, given to its attention sites in order."""
-    from onnxprune.model_io import load_ir
     from onnxprune.passes import prune_passes
     from onnxprune.rules import find_sites
 
-    model = load_ir(dense_path)
+    model = load_model(dense_path).model
     # A fresh export may name its sites differently: the layouts follow the order the sites run in.
     layouts = pruned.renamed([s.name for s in find_sites(model).sites])
     prune_passes(layouts)(model)
     model.metadata_props.update(layouts.metadata_props())
     model.metadata_props.update(extra_metadata)
     return model
-
-
-def _opset(path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 20)
 
 
 def recover(
@@ -428,9 +420,9 @@ def recover(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    pruned = load_layouts(pruned_path)
-    names = input_names(pruned_path)
-    student, student_modules, teacher, teacher_modules = masked_pair(load_model(model_dir), pruned)
+    pruned_file = load_model(pruned_path)
+    pruned, names = load_layouts(pruned_file), pruned_file.info.input_names
+    student, student_modules, teacher, teacher_modules = masked_pair(load_pretrained(model_dir), pruned)
     check = examples[:parity_examples]
     before = parity(student, pruned_path, check, names, threads)
     if before > PARITY_ATOL:
@@ -439,7 +431,7 @@ def recover(
             "is it the model that was exported and pruned?"
         )
     log(f"masked PyTorch model matches {pruned_path}: max |diff| {before:.2e}")
-    fingerprint = json.dumps([file_sha256(pruned_path), config.objective, config.batch_size, config.seed,
+    fingerprint = json.dumps([pruned_file.info.sha256, config.objective, config.batch_size, config.seed,
                               config.validation_examples, len(examples), int(sum(len(e) for e in examples))])
     run = distill(student, student_modules, teacher, teacher_modules, examples, names, config, fingerprint, log,
                   show_progress)
@@ -451,7 +443,7 @@ def recover(
         dense = Path(tmp) / "recovered-dense.onnx"
         positions = getattr(student.config, "max_position_embeddings", None) or getattr(student.config, "n_positions", 128)
         # A traced length below the position table's size keeps the exported length dynamic.
-        export(weights, dense, seq_len=min(64, positions // 2), opset=_opset(pruned_path), attn="eager", log=log)
+        export(weights, dense, seq_len=min(64, positions // 2), opset=pruned_file.info.opset() or 20, attn="eager", log=log)
         model = prune_with_layouts(dense, pruned, {
             RECOVERED_KEY: json.dumps({"objective": config.objective, "steps": run["steps"],
                                                "kept_step": run["best_step"],

@@ -57,11 +57,11 @@ def pruned_tiny(tmp_path_factory):
 def test_masked_torch_equals_pruned_onnx(pruned_tiny, arch, p):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import load_model, masked_pair, parity
+    from onnxprune.recover import load_pretrained, masked_pair, parity
 
     model_dir, pruned, examples = pruned_tiny(arch, p)
     layouts = load_layouts(pruned)
-    student, _, teacher, _ = masked_pair(load_model(model_dir), layouts)
+    student, _, teacher, _ = masked_pair(load_pretrained(model_dir), layouts)
     names = input_names(pruned)
     assert parity(student, pruned, examples[:12], names) < 1e-4
     if p >= 0.5:  # the layouts really change the output: the dense teacher does not match
@@ -103,10 +103,10 @@ def _config(**overrides):
 def test_distillation_lowers_the_loss(pruned_tiny, objective):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
-    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), load_layouts(pruned))
+    student, s_mods, teacher, t_mods = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
     run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned), _config(objective=objective, steps=30),
                   log=lambda *a: None, show_progress=False)
     assert run["steps"] == 30 and run["stopped_by"] == "steps"
@@ -116,13 +116,13 @@ def test_distillation_lowers_the_loss(pruned_tiny, objective):
 def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     layouts, names = load_layouts(pruned), input_names(pruned)
     quiet = dict(log=lambda *a: None, show_progress=False)
 
-    straight = masked_pair(load_model(model_dir), layouts)
+    straight = masked_pair(load_pretrained(model_dir), layouts)
     distill(*straight, examples, names, _config(steps=8), **quiet)
 
     def interrupt_at_step_4(message):
@@ -130,11 +130,11 @@ def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
             raise KeyboardInterrupt
 
     checkpoint = str(tmp_path / "run.ckpt")
-    first = masked_pair(load_model(model_dir), layouts)
+    first = masked_pair(load_pretrained(model_dir), layouts)
     with pytest.raises(KeyboardInterrupt):
         distill(*first, examples, names, _config(steps=8, checkpoint=checkpoint, checkpoint_every=1, log_every=1),
                 log=interrupt_at_step_4, show_progress=False)
-    second = masked_pair(load_model(model_dir), layouts)  # a fresh process would start from the file
+    second = masked_pair(load_pretrained(model_dir), layouts)  # a fresh process would start from the file
     run = distill(*second, examples, names, _config(steps=8, checkpoint=checkpoint), **quiet)
     assert run["resumed_from_step"] == 4 and run["steps"] == 8
     for a, b in zip(straight[0].parameters(), second[0].parameters()):
@@ -144,25 +144,25 @@ def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
 def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     layouts, names = load_layouts(pruned), input_names(pruned)
     checkpoint = str(tmp_path / "run.ckpt")
-    distill(*masked_pair(load_model(model_dir), layouts), examples, names, _config(steps=2, checkpoint=checkpoint),
+    distill(*masked_pair(load_pretrained(model_dir), layouts), examples, names, _config(steps=2, checkpoint=checkpoint),
             fingerprint="a", log=lambda *a: None, show_progress=False)
     with pytest.raises(OnnxpruneError, match="checkpoint of another run"):
-        distill(*masked_pair(load_model(model_dir), layouts), examples, names,
+        distill(*masked_pair(load_pretrained(model_dir), layouts), examples, names,
                 _config(steps=4, checkpoint=checkpoint), fingerprint="b", log=lambda *a: None, show_progress=False)
 
 
 def test_time_budget_stops_training(pruned_tiny):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    run = distill(*masked_pair(load_model(model_dir), load_layouts(pruned)), examples, input_names(pruned),
+    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, input_names(pruned),
                   _config(steps=10_000, time_budget_s=0.5), log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "time budget" and 0 < run["steps"] < 10_000
 
@@ -170,11 +170,11 @@ def test_time_budget_stops_training(pruned_tiny):
 def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import _validation_split, distill, load_model, masked_pair, validation_loss
+    from onnxprune.recover import _validation_split, distill, load_pretrained, masked_pair, validation_loss
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
     names = input_names(pruned)
-    pair = masked_pair(load_model(model_dir), load_layouts(pruned))
+    pair = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
     config = _config(steps=12, validate_every=3, validation_examples=8, objective="hidden")
     run = distill(*pair, examples, names, config, log=lambda *a: None, show_progress=False)
     steps, losses = zip(*run["validation"])
@@ -190,10 +190,10 @@ def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
     # A learning rate far too high wrecks the student; validation sees it and keeps step 0's state.
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    student, s_mods, teacher, t_mods = masked_pair(load_model(model_dir), load_layouts(pruned))
+    student, s_mods, teacher, t_mods = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
     run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned),
                   _config(steps=6, learning_rate=3.0, warmup_steps=1, validate_every=3, validation_examples=8),
                   log=lambda *a: None, show_progress=False)
@@ -205,11 +205,11 @@ def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
 def test_patience_stops_a_run_that_no_longer_improves(pruned_tiny):
     from onnxprune.layouts import load_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import distill, load_model, masked_pair
+    from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     config = _config(steps=1000, learning_rate=3.0, warmup_steps=1, validate_every=2, validation_examples=8, patience=2)
-    run = distill(*masked_pair(load_model(model_dir), load_layouts(pruned)), examples, input_names(pruned), config,
+    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, input_names(pruned), config,
                   log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "no improvement" and run["best_step"] == 0 and run["steps"] == 4
 
@@ -221,7 +221,7 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
     from onnxprune.layouts import load_layouts
     from onnxprune.masked_attention import apply_layouts
     from onnxprune.model_io import input_names
-    from onnxprune.recover import load_model, parity, recover
+    from onnxprune.recover import load_pretrained, parity, recover
 
     model_dir, pruned, examples = pruned_tiny(arch, 0.5)
     output = tmp_path / "recovered.onnx"
@@ -237,7 +237,7 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
     assert metadata["onnxprune.sparsity"] == "0.5" and '"steps": 6' in metadata["onnxprune.recovered"]
     assert report.parity_before < 1e-4 and report.parity_after < 1e-4
     # The weights changed: the recovered file no longer equals the original masked model.
-    original = load_model(model_dir)
+    original = load_pretrained(model_dir)
     apply_layouts(original, before)
     assert parity(original, output, examples[:8], input_names(output)) > 1e-4
 

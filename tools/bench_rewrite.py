@@ -23,7 +23,7 @@ import numpy as np
 # models/ is the checkout's; appended, so that an installed onnxprune still wins over its sources.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from models import bert_base  # noqa: E402
-from onnxprune.model_io import file_sha256, load_ir, save_model  # noqa: E402
+from onnxprune.model_io import load_model, save_model  # noqa: E402
 from onnxprune.rules import decompose_fused_attention, find_sites  # noqa: E402
 from onnxprune.stats import Stats  # noqa: E402
 
@@ -57,10 +57,10 @@ def export_bert(path: Path, layers: int, hidden: int, heads: int, form: str, ext
 
 
 def synthetic_stats(path: Path, heads: int) -> Stats:
-    model = load_ir(path)
-    decompose_fused_attention(model)
-    sites = [s.name for s in find_sites(model).sites]
-    stats = Stats.empty({s: heads for s in sites}, GRANULARITY, MAX_LENGTH, file_sha256(path))
+    loaded = load_model(path)
+    decompose_fused_attention(loaded.model)
+    sites = [s.name for s in find_sites(loaded.model).sites]
+    stats = Stats.empty({s: heads for s in sites}, GRANULARITY, MAX_LENGTH, loaded.info.sha256)
     rng = np.random.default_rng(0)
     for site in sites:
         stats.sums[site][:] = rng.random(stats.sums[site].shape)
@@ -100,8 +100,8 @@ def main() -> None:
     stats = synthetic_stats(dense, args.heads)
 
     phases: dict[str, float] = {}
-    original = {name: getattr(prune_module, name) for name in ("load_ir", "find_sites")}
-    prune_module.load_ir = lambda *a, **k: timed(phases, "load", original["load_ir"], *a, **k)
+    original = {name: getattr(prune_module, name) for name in ("load_model", "find_sites")}
+    prune_module.load_model = lambda *a, **k: timed(phases, "load", original["load_model"], *a, **k)
     prune_module.find_sites = lambda *a, **k: timed(phases, "discover", original["find_sites"], *a, **k)
     try:
         model, report = timed(phases, "prune (total)", prune_module.prune, dense, stats, 0.9, block_size=64)

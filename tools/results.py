@@ -133,13 +133,13 @@ def run_sweep(out: Path, quick: bool, full: bool = False) -> None:
     from onnxprune.masked_attention import apply_layouts
     from onnxprune.model_io import save_model
     from onnxprune.prune import prune
-    from onnxprune.recover import load_model, torch_embeddings
+    from onnxprune.recover import load_pretrained, torch_embeddings
     from onnxprune.verify import sentence_embeddings
 
     torch.set_num_threads(THREADS)
     dense, stats, names, calibration, evaluation = minilm_dense(out)
     lengths = np.bincount([len(e) for e in evaluation])
-    model = load_model(default_model_dir())
+    model = load_pretrained(default_model_dir())
     apply_layouts(model, None)
     dense_emb = torch_embeddings(model, evaluation, names)
     dense_nn = nearest_neighbours(dense_emb)
