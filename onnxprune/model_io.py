@@ -214,21 +214,6 @@ def load_model(path: str | os.PathLike, load_external_data: bool = False) -> Loa
     return LoadedModel(model, info)
 
 
-# Thin wrappers over the loader for callers not yet moved to ``load_model``/``read_info``.
-
-
-def load_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    return _read(path, load_external_data)[0]
-
-
-def load_ir(path: str | os.PathLike, load_external_data: bool = False) -> ir.Model:
-    return load_model(path, load_external_data).model
-
-
-def input_names(path: str | os.PathLike) -> list[str]:
-    return read_info(path).input_names
-
-
 def uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 

@@ -128,12 +128,12 @@ def synthetic_stats(model_path: Path, sites: list[str], seed: int = 0) -> Stats:
 
 def pruned_encoder(folder: Path, sparsity: float = 0.5, block_size: int = 16) -> dict[str, Path]:
     """The encoder, its statistics and its pruned form, written under ``folder``."""
-    from onnxprune.model_io import load_ir
+    from onnxprune.model_io import load_model
     from onnxprune.prune import prune
     from onnxprune.rules import find_sites
 
     dense = save(attention_encoder(), folder / "dense.onnx")
-    sites = [s.name for s in find_sites(load_ir(dense)).sites]
+    sites = [s.name for s in find_sites(load_model(dense).model).sites]
     stats_path = folder / "stats.safetensors"
     synthetic_stats(dense, sites).save(stats_path)
     model, _ = prune(dense, Stats.load(stats_path), sparsity, block_size, stats_sha256=file_sha256(stats_path))

@@ -19,7 +19,7 @@ from families import BASE_FORM, FAMILIES, FORMS, HEADS, export_family
 from onnxprune import op_schema
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
-from onnxprune.model_io import load_ir, save_model
+from onnxprune.model_io import load_model, save_model
 from onnxprune.prune import prune
 from onnxprune.rules import find_sites
 from onnxprune.runtime import session
@@ -105,7 +105,7 @@ def test_family_form(family, form, exported, tmp_path, ops_library):
     spec = FAMILIES[family]
     dense = exported(family, form)
 
-    discovery = find_sites(load_ir(dense))
+    discovery = find_sites(load_model(dense).model)
     assert len(discovery.sites) == spec.sites, discovery.unmatched
     assert not discovery.unmatched
     assert {s.form for s in discovery.sites} <= FORMS_SEEN

@@ -21,7 +21,7 @@ from conftest import random_token_examples
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import ModelInput, load_ir, load_model, read_info, save_model, uses_external_data
+from onnxprune.model_io import ModelInput, load_model, read_info, save_model, uses_external_data
 
 
 def model_with_weights(path, external: bool):
@@ -39,7 +39,7 @@ def model_with_weights(path, external: bool):
 @pytest.mark.parametrize("external", [True, False], ids=["external", "inline"])
 def test_round_trip(tmp_path, external):
     weight = model_with_weights(tmp_path / "in.onnx", external)
-    model = load_ir(tmp_path / "in.onnx")
+    model = load_model(tmp_path / "in.onnx").model
     # External weights stay on disk until read.
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor) == external
     assert uses_external_data(model) == external
@@ -55,7 +55,7 @@ def test_round_trip(tmp_path, external):
 def test_save_into_missing_directory(tmp_path):
     model_with_weights(tmp_path / "in.onnx", True)
     with pytest.raises(OnnxpruneError, match="does not exist"):
-        save_model(load_ir(tmp_path / "in.onnx"), tmp_path / "nowhere" / "out.onnx")
+        save_model(load_model(tmp_path / "in.onnx").model, tmp_path / "nowhere" / "out.onnx")
 
 
 def described_model() -> onnx.ModelProto:

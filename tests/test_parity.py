@@ -20,7 +20,7 @@ from onnxprune import op_schema
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import load_ir, save_model
+from onnxprune.model_io import load_model, save_model
 from onnxprune.prune import PruneReport, prune
 from onnxprune.rules import find_sites
 from onnxprune.runtime import session
@@ -95,7 +95,7 @@ def layouts_of(path) -> dict[str, np.ndarray]:
 
 
 def test_sites(case):
-    discovery = find_sites(load_ir(case.dense))
+    discovery = find_sites(load_model(case.dense).model)
     assert len(discovery.sites) == TINY_LAYERS
     assert {s.form for s in discovery.sites} == {EXPECTED_FORM[case.form]}
     # TorchScript leaves the head dimension symbolic; the heads then come from the statistics.

@@ -29,7 +29,7 @@ def pruned_tiny(tmp_path_factory):
     from onnxprune.calibrate import calibrate
     from onnxprune.data import Dataset
     from onnxprune.export import export
-    from onnxprune.model_io import input_names, save_model
+    from onnxprune.model_io import read_info, save_model
     from onnxprune.prune import prune
 
     folder = tmp_path_factory.mktemp("recover")
@@ -41,7 +41,7 @@ def pruned_tiny(tmp_path_factory):
             model_dir = _save_tiny(arch, folder)
             dense = folder / f"{arch}.onnx"
             export(model_dir, dense, seq_len=32, log=lambda *a: None)
-            stats = calibrate(dense, Dataset(examples, input_names(dense)), max_length=MAX_POSITIONS,
+            stats = calibrate(dense, Dataset(examples, read_info(dense).input_names), max_length=MAX_POSITIONS,
                               show_progress=False)
             cache[arch] = (model_dir, dense, stats)
         model_dir, dense, stats = cache[arch]
@@ -56,13 +56,13 @@ def pruned_tiny(tmp_path_factory):
 @pytest.mark.parametrize("arch,p", [("bert", 0.0), ("bert", 0.9), ("gpt2", 0.5), ("gpt2", 0.9)])
 def test_masked_torch_equals_pruned_onnx(pruned_tiny, arch, p):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import load_pretrained, masked_pair, parity
 
     model_dir, pruned, examples = pruned_tiny(arch, p)
     layouts = load_layouts(pruned)
     student, _, teacher, _ = masked_pair(load_pretrained(model_dir), layouts)
-    names = input_names(pruned)
+    names = read_info(pruned).input_names
     assert parity(student, pruned, examples[:12], names) < 1e-4
     if p >= 0.5:  # the layouts really change the output: the dense teacher does not match
         assert parity(teacher, pruned, examples[:12], names) > 1e-3
@@ -74,7 +74,7 @@ def test_prune_and_recover_rewrite_the_sites_alike(pruned_tiny, arch):
     from pathlib import Path
 
     from onnxprune.layouts import attention_nodes, load_layouts
-    from onnxprune.model_io import load_ir
+    from onnxprune.model_io import load_model
     from onnxprune.recover import prune_with_layouts
 
     _, pruned, _ = pruned_tiny(arch, 0.5)
@@ -85,7 +85,7 @@ def test_prune_and_recover_rewrite_the_sites_alike(pruned_tiny, arch):
                 for n in attention_nodes(model.graph)]
 
     recovered = calls(prune_with_layouts(dense, load_layouts(pruned), {}))
-    assert recovered == calls(load_ir(pruned))
+    assert recovered == calls(load_model(pruned).model)
     assert len(recovered) == 2
     assert all(inputs[4:] == ["", "attention_mask"] for inputs, _ in recovered)
     assert {causal for _, causal in recovered} == {int(arch == "gpt2")}
@@ -102,12 +102,12 @@ def _config(**overrides):
 @pytest.mark.parametrize("objective", ["embedding", "hidden", "hidden+attention"])
 def test_distillation_lowers_the_loss(pruned_tiny, objective):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
     student, s_mods, teacher, t_mods = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
-    run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned), _config(objective=objective, steps=30),
+    run = distill(student, s_mods, teacher, t_mods, examples, read_info(pruned).input_names, _config(objective=objective, steps=30),
                   log=lambda *a: None, show_progress=False)
     assert run["steps"] == 30 and run["stopped_by"] == "steps"
     assert np.mean(run["losses"][-5:]) < 0.7 * np.mean(run["losses"][:5])
@@ -115,11 +115,11 @@ def test_distillation_lowers_the_loss(pruned_tiny, objective):
 
 def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    layouts, names = load_layouts(pruned), input_names(pruned)
+    layouts, names = load_layouts(pruned), read_info(pruned).input_names
     quiet = dict(log=lambda *a: None, show_progress=False)
 
     straight = masked_pair(load_pretrained(model_dir), layouts)
@@ -143,11 +143,11 @@ def test_resume_continues_where_it_stopped(pruned_tiny, tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    layouts, names = load_layouts(pruned), input_names(pruned)
+    layouts, names = load_layouts(pruned), read_info(pruned).input_names
     checkpoint = str(tmp_path / "run.ckpt")
     distill(*masked_pair(load_pretrained(model_dir), layouts), examples, names, _config(steps=2, checkpoint=checkpoint),
             fingerprint="a", log=lambda *a: None, show_progress=False)
@@ -158,22 +158,22 @@ def test_checkpoint_of_another_run_is_refused(pruned_tiny, tmp_path):
 
 def test_time_budget_stops_training(pruned_tiny):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, input_names(pruned),
+    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, read_info(pruned).input_names,
                   _config(steps=10_000, time_budget_s=0.5), log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "time budget" and 0 < run["steps"] < 10_000
 
 
 def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import _validation_split, distill, load_pretrained, masked_pair, validation_loss
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.9)
-    names = input_names(pruned)
+    names = read_info(pruned).input_names
     pair = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
     config = _config(steps=12, validate_every=3, validation_examples=8, objective="hidden")
     run = distill(*pair, examples, names, config, log=lambda *a: None, show_progress=False)
@@ -189,12 +189,12 @@ def test_validation_keeps_the_state_with_the_lowest_held_out_loss(pruned_tiny):
 def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
     # A learning rate far too high wrecks the student; validation sees it and keeps step 0's state.
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     student, s_mods, teacher, t_mods = masked_pair(load_pretrained(model_dir), load_layouts(pruned))
-    run = distill(student, s_mods, teacher, t_mods, examples, input_names(pruned),
+    run = distill(student, s_mods, teacher, t_mods, examples, read_info(pruned).input_names,
                   _config(steps=6, learning_rate=3.0, warmup_steps=1, validate_every=3, validation_examples=8),
                   log=lambda *a: None, show_progress=False)
     assert run["best_step"] == 0 and run["validation"][-1][1] > run["validation"][0][1]
@@ -204,12 +204,12 @@ def test_a_diverging_run_ends_as_the_pruned_model(pruned_tiny):
 
 def test_patience_stops_a_run_that_no_longer_improves(pruned_tiny):
     from onnxprune.layouts import load_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import distill, load_pretrained, masked_pair
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
     config = _config(steps=1000, learning_rate=3.0, warmup_steps=1, validate_every=2, validation_examples=8, patience=2)
-    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, input_names(pruned), config,
+    run = distill(*masked_pair(load_pretrained(model_dir), load_layouts(pruned)), examples, read_info(pruned).input_names, config,
                   log=lambda *a: None, show_progress=False)
     assert run["stopped_by"] == "no improvement" and run["best_step"] == 0 and run["steps"] == 4
 
@@ -220,7 +220,7 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
 
     from onnxprune.layouts import load_layouts
     from onnxprune.masked_attention import apply_layouts
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
     from onnxprune.recover import load_pretrained, parity, recover
 
     model_dir, pruned, examples = pruned_tiny(arch, 0.5)
@@ -239,16 +239,16 @@ def test_recovered_model_is_a_pruned_onnx_matching_torch(pruned_tiny, tmp_path, 
     # The weights changed: the recovered file no longer equals the original masked model.
     original = load_pretrained(model_dir)
     apply_layouts(original, before)
-    assert parity(original, output, examples[:8], input_names(output)) > 1e-4
+    assert parity(original, output, examples[:8], read_info(output).input_names) > 1e-4
 
 
 def test_cli_recover_with_npz_data(pruned_tiny, tmp_path, ops_library):
     from onnxprune.cli import main
     from onnxprune.data import pad_batch
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
 
     model_dir, pruned, examples = pruned_tiny("bert", 0.5)
-    np.savez(tmp_path / "data.npz", **pad_batch(examples[:16], input_names(pruned)))
+    np.savez(tmp_path / "data.npz", **pad_batch(examples[:16], read_info(pruned).input_names))
     output = tmp_path / "out.onnx"
     code = main(["recover", model_dir, pruned, "--data", str(tmp_path / "data.npz"), "--steps", "3",
                  "--batch-size", "4", "-o", str(output), "--report", str(tmp_path / "r.json"), "--quiet"])
@@ -265,7 +265,7 @@ def test_cli_recover_with_npz_data(pruned_tiny, tmp_path, ops_library):
                                            ("gpt2", ["input_ids", "attention_mask"])])
 def test_export_passes_token_types_only_to_models_with_a_table(pruned_tiny, arch, expected):
     # GPT-2 embeds token_type_ids with its word embeddings: a zero input would shift every position.
-    from onnxprune.model_io import input_names
+    from onnxprune.model_io import read_info
 
     _, pruned, _ = pruned_tiny(arch, 0.5)
-    assert input_names(pruned) == expected
+    assert read_info(pruned).input_names == expected

@@ -48,7 +48,7 @@ def make_model(nodes, inputs, initializers=(), opset=20):
 
 
 def to_ir(proto: onnx.ModelProto) -> ir.Model:
-    """As ``model_io.load_ir`` reads a file: shapes inferred, every node named."""
+    """As ``model_io.load_model`` reads a file: shapes inferred, every node named."""
     proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     ensure_node_names(proto)
     return ir.serde.deserialize_model(proto)
