@@ -156,6 +156,9 @@ def test_entry_point_errors_match_the_cpu_op(ops_library, case):
          "key_padding_mask shape [2, 41] must be [B, Sk] = [2, 40]"),
         (ck.FLOAT16, dict(key_padding_mask=1, key_padding_mask_type=ck.BOOL, key_padding_mask_shape=[80]),
          "input key_padding_mask must have rank 2 [B, Sk], got shape [80]"),
+        (ck.FLOAT16, dict(layout_rule=np.zeros((1, 4), np.int32)), "layout_rule must be int64"),
+        (ck.BFLOAT16, dict(layout_rule=np.zeros(4, np.int64)), "layout_rule shape [4] must be [Hl, 4] = [1, 4]"),
+        (ck.FLOAT16, dict(layout_rule=[[0, 0, -1, -1]]), "layout_rule head 0: global_query_blocks=-1 must be >= 0"),
     ],
 )  # fmt: skip
 def test_entry_point_type_and_mask_errors(ops_library, value_type, kwargs, fragment):
