@@ -562,6 +562,24 @@ def test_version_1_node_continues_densely(ops_library, rng, sq, sk):
     np.testing.assert_allclose(out, dense_beyond, atol=ATOL, rtol=RTOL)
 
 
+def test_random_rules_lengths_and_offsets(ops_library, rng):
+    # Many small random configurations: every combination of rule columns (-1 included), explicit
+    # regions from empty to wider than the input, offsets, causal or not.
+    for _ in range(12):
+        bs = int(rng.choice([16, 32, 64, 128]))
+        hq, hkv = [(2, 1), (2, 2), (4, 2)][rng.integers(3)]
+        sk = int(rng.integers(1, 400))
+        at_end = bool(rng.integers(2))
+        sq = int(rng.integers(1, sk + 1)) if at_end else int(rng.integers(1, 300))
+        hl = int(rng.choice([1, hq]))
+        mq, mk = (int(x) for x in rng.integers(0, 4, 2))
+        rule = np.stack([rng.integers(0, 4, hl), rng.integers(-1, 5, hl), rng.integers(-1, 5, hl),
+                         rng.integers(0, 3, hl)], axis=1).astype(np.int64)
+        q, k, v = rand_inputs(rng, 2, hq, hkv, sq, sk, 16)
+        check(ops_library, q, k, v, rand_layout(rng, hl, mq, mk, p=0.5), bs, is_causal=bool(rng.integers(2)),
+              layout_rule=rule, queries_at_end=at_end)
+
+
 def test_rule_equals_its_explicit_expansion(ops_library, rng):
     # The same blocks given by the rule or written out in the layout give the same output.
     B, H, S, D, bs = 1, 2, 200, 16, 32

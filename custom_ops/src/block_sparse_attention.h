@@ -96,6 +96,19 @@ BSA_SHARED_FN bool bsa_rule_keeps(const T* rule, int64_t qb, int64_t kb) {
   return (before < 0 || qb - kb <= before) && (after < 0 || kb - qb <= after);
 }
 
+// The first key block >= kb of block row qb that the rule keeps (kb itself when
+// it is kept), or -1 when it keeps none: a kernel walks a long row's few kept
+// blocks (sink, window) without testing every pruned one.
+template <typename T>
+BSA_SHARED_FN int64_t bsa_rule_next_kept(const T* rule, int64_t qb, int64_t kb) {
+  if (bsa_rule_keeps(rule, qb, kb)) return kb;
+  // kb is past the sink blocks, qb is no global row and kb lies outside the window:
+  // the window itself is all that can follow.
+  const int64_t before = rule[kRuleWindowBefore];
+  if (before >= 0 && kb < qb - before) return qb - before;
+  return -1;
+}
+
 enum class MaskKind { kNone, kBool, kFloat };
 enum class PaddingKind { kNone, kBool, kInt64 };
 
