@@ -1,6 +1,6 @@
 // ONNX Runtime registration of the custom op onnxprune.BlockSparseAttention
-// (versions 1 and 2; one kernel serves both), written against the raw C API (no exceptions cross the C
-// boundary: every failure becomes an OrtStatus).
+// (versions 1 and 2; one kernel serves both), written against the raw C API
+// (no exceptions cross the C boundary: every failure becomes an OrtStatus).
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
 #endif
@@ -32,7 +32,9 @@ constexpr size_t kNumInputs = 7;
 constexpr size_t kLayoutRuleInput = 6;
 // Op versions the kernel implements. A version-1 node passes neither layout_rule nor
 // queries_at_end, which gives it version 2's defaults (the same meaning, lengths beyond the
-// layout continuing densely); a node of a later version is not ours to guess at.
+// layout continuing densely). ORT (1.2x) builds one schema per custom op name, "since" the
+// start version, so it hands nodes of any version of the domain to this kernel: the end version
+// documents the contract more than it filters.
 constexpr int kStartVersion = 1;
 constexpr int kEndVersion = 2;
 
@@ -172,8 +174,8 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
     *out = ptr;
     return st;
   };
-  const void* ptrs[kNumInputs] = {};
-  for (size_t i = 0; i < kLayoutRuleInput; ++i) {  // (layout_rule: read above)
+  const void* ptrs[kLayoutRuleInput] = {};  // (layout_rule: read above)
+  for (size_t i = 0; i < kLayoutRuleInput; ++i) {
     if (in[i] != nullptr) BSA_RETURN_IF_ERROR(data_of(in[i], &ptrs[i]), "GetTensorMutableData");
   }
   p.q = static_cast<const float*>(ptrs[0]);
