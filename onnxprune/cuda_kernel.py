@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 
+import numpy as np
+
 from onnxprune.errors import OnnxpruneError
 
 # ONNX element type codes.
@@ -53,7 +55,8 @@ def load(path: str | None = None) -> ctypes.CDLL:
         i32, p, shp, p, shp, p, shp, p, shp,  # value type; Q, K, V, layout (pointer, shape)
         p, i32, shp, i32,  # attn_mask, its type, shape, rank
         p, i32, shp,  # key_padding_mask, its type, shape
-        p, i64, i32, ctypes.c_float, i64,  # Y, block_size, has_scale, scale, is_causal
+        shp, shp, i32,  # layout_rule (host memory), its shape, rank
+        p, i64, i32, ctypes.c_float, i64, i64,  # Y, block_size, has_scale, scale, is_causal, queries_at_end
         p, ctypes.c_char_p, ctypes.c_size_t,  # stream, err, err_len
     ]
     fn.restype = ctypes.c_int
@@ -86,11 +89,16 @@ def run_raw(
     key_padding_mask: int | None = None,
     key_padding_mask_type: int = 0,
     key_padding_mask_shape: Sequence[int] | None = None,
+    layout_rule=None,
     scale: float | None = None,
     is_causal: int = 0,
+    queries_at_end: int = 0,
     stream: int | None = None,
 ) -> tuple[int, str]:
-    """Calls the entry point with raw device addresses; returns (code, message)."""
+    """Calls the entry point with raw device addresses; returns (code, message).
+
+    ``layout_rule`` is an int64 array-like ``[Hl, 4]`` in host memory (rows of ``(sink_blocks,
+    window_before, window_after, global_query_blocks)``), which the entry point reads there."""
     # The C signature has fixed ranks; report a wrong rank as the op does.
     ranks = [("Q", q_shape, 4, "[B, Hq, Sq, D]"), ("K", k_shape, 4, "[B, Hkv, Sk, D]"),
              ("V", v_shape, 4, "[B, Hkv, Sk, Dv]"), ("layout", layout_shape, 3, "[Hl, Mq, Mk]")]
@@ -102,6 +110,12 @@ def run_raw(
             return INVALID_ARGUMENT, (
                 f"BlockSparseAttention: input {name} must have rank {rank} {form}, got shape {shape}"
             )
+    rule, rule_shape = None, None
+    if layout_rule is not None:
+        rule = np.ascontiguousarray(layout_rule)
+        if rule.dtype != np.int64:
+            return INVALID_ARGUMENT, f"BlockSparseAttention: layout_rule must be int64, got {rule.dtype}"
+        rule_shape = rule.shape
     err = ctypes.create_string_buffer(_ERR_LEN)
     code = getattr(lib, _SYMBOL)(
         value_type,
@@ -109,8 +123,10 @@ def run_raw(
         attn_mask, attn_mask_type, _shape(attn_mask_shape),
         len(attn_mask_shape) if attn_mask_shape is not None else 0,
         key_padding_mask, key_padding_mask_type, _shape(key_padding_mask_shape),
+        None if rule is None else rule.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), _shape(rule_shape),
+        0 if rule is None else rule.ndim,
         y, block_size, 0 if scale is None else 1, 0.0 if scale is None else float(scale),
-        int(is_causal), stream, err, _ERR_LEN,
+        int(is_causal), int(queries_at_end), stream, err, _ERR_LEN,
     )  # fmt: skip
     return code, err.value.decode("utf-8", "replace")
 
@@ -136,16 +152,23 @@ def block_sparse_attention(
     is_causal: bool = False,
     attn_mask=None,
     key_padding_mask=None,
+    layout_rule=None,
+    queries_at_end: bool = False,
     out=None,
     lib: ctypes.CDLL | None = None,
 ):
     """onnxprune.BlockSparseAttention on torch CUDA tensors (queued on the current stream).
 
     ``out`` (optional) receives Y in place; it is returned. Inputs must be contiguous CUDA
-    tensors; ``layout`` uint8 ``[Hl, Mq, Mk]``.
+    tensors; ``layout`` uint8 ``[Hl, Mq, Mk]``. ``layout_rule`` (optional) is ``[Hl, 4]``
+    integers on the host (a CPU tensor, an array or nested lists), as the op takes it.
     """
     import torch
 
+    if isinstance(layout_rule, torch.Tensor):
+        if layout_rule.is_cuda:
+            raise OnnxpruneError("layout_rule must be in host memory (a CPU tensor or an array): the kernel reads it there")
+        layout_rule = layout_rule.numpy()
     lib = lib or load()
     tensors = {"Q": q, "K": k, "V": v, "layout": layout, "attn_mask": attn_mask,
                "key_padding_mask": key_padding_mask}  # fmt: skip
@@ -167,8 +190,10 @@ def block_sparse_attention(
         key_padding_mask=None if key_padding_mask is None else key_padding_mask.data_ptr(),
         key_padding_mask_type=0 if key_padding_mask is None else _torch_type_code(key_padding_mask.dtype),
         key_padding_mask_shape=None if key_padding_mask is None else key_padding_mask.shape,
+        layout_rule=layout_rule,
         scale=scale,
         is_causal=int(is_causal),
+        queries_at_end=int(queries_at_end),
         stream=torch.cuda.current_stream(q.device).cuda_stream,
     )  # fmt: skip
     if code != OK:

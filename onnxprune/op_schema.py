@@ -4,16 +4,26 @@ from __future__ import annotations
 
 DOMAIN = "onnxprune"
 OP_TYPE = "BlockSparseAttention"
-OPSET_VERSION = 1
+#: Version 2 added the optional ``layout_rule`` input and the ``queries_at_end`` attribute; a
+#: version-1 node means the same as a version-2 node without them.
+OPSET_VERSION = 2
 
-INPUTS = ("Q", "K", "V", "layout", "attn_mask", "key_padding_mask")
+INPUTS = ("Q", "K", "V", "layout", "attn_mask", "key_padding_mask", "layout_rule")
 OUTPUTS = ("Y",)
-ATTRIBUTES = ("block_size", "scale", "is_causal")
+ATTRIBUTES = ("block_size", "scale", "is_causal", "queries_at_end")
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
+#: Columns of ``layout_rule`` (int64 ``[Hl, 4]``), one row per layout head. A block (qb, kb)
+#: outside the layout's explicit ``[Mq, Mk]`` region is computed iff ``kb < sink_blocks``, or
+#: ``qb - window_before <= kb <= qb + window_after`` (a window of -1 is unbounded on its side),
+#: or ``qb < global_query_blocks``. Without the input every such block is computed.
+LAYOUT_RULE_COLUMNS = ("sink_blocks", "window_before", "window_after", "global_query_blocks")
+
 #: Prefix of the initializer that holds a site's layout in a pruned model.
 LAYOUT_PREFIX = "onnxprune.layout."
+#: Prefix of the initializer that holds a site's layout rule.
+LAYOUT_RULE_PREFIX = "onnxprune.layout_rule."
 
 #: Lowest default-domain opset whose operators the op's function body uses
 #: (Shape with start/end, CastLike, LessOrEqual).
@@ -22,3 +32,7 @@ MIN_MODEL_OPSET = 16
 
 def layout_name(site: str) -> str:
     return LAYOUT_PREFIX + site
+
+
+def layout_rule_name(site: str) -> str:
+    return LAYOUT_RULE_PREFIX + site

@@ -39,16 +39,20 @@ _ELEM = {
 }
 
 
-def one_node_model(mask_use: MaskUse, feeds: dict, block_size: int, scale: float, is_causal: bool, opset: int = 20):
+def one_node_model(mask_use: MaskUse, feeds: dict, block_size: int, scale: float, is_causal: bool, opset: int = 20,
+                   queries_at_end: bool | None = False):
+    """queries_at_end None: the node leaves the attribute out (as a version-1 node does)."""
     node_inputs = ["Q", "K", "V", "layout"]
-    if mask_use.attn_mask or mask_use.key_padding_mask:
+    if mask_use.attn_mask or mask_use.key_padding_mask or mask_use.layout_rule:
         node_inputs.append("attn_mask" if mask_use.attn_mask else "")
-    if mask_use.key_padding_mask:
-        node_inputs.append("key_padding_mask")
-    node = helper.make_node(
-        op_schema.OP_TYPE, node_inputs, ["Y"], domain=op_schema.DOMAIN,
-        block_size=block_size, scale=float(scale), is_causal=int(is_causal),
-    )
+    if mask_use.key_padding_mask or mask_use.layout_rule:
+        node_inputs.append("key_padding_mask" if mask_use.key_padding_mask else "")
+    if mask_use.layout_rule:
+        node_inputs.append("layout_rule")
+    attributes = dict(block_size=block_size, scale=float(scale), is_causal=int(is_causal))
+    if queries_at_end is not None:
+        attributes["queries_at_end"] = int(queries_at_end)
+    node = helper.make_node(op_schema.OP_TYPE, node_inputs, ["Y"], domain=op_schema.DOMAIN, **attributes)
     inputs = [helper.make_tensor_value_info(n, _ELEM[feeds[n].dtype], feeds[n].shape) for n in node_inputs if n]
     graph = helper.make_graph([node], "bsa", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)])
     model = helper.make_model(
@@ -61,41 +65,49 @@ def one_node_model(mask_use: MaskUse, feeds: dict, block_size: int, scale: float
     return model
 
 
-def run_three_ways(ops_library, mask_use, feeds, block_size, scale, is_causal, opset=20):
-    model = one_node_model(mask_use, feeds, block_size, scale, is_causal, opset)
+def run_three_ways(ops_library, mask_use, feeds, block_size, scale, is_causal, opset=20, queries_at_end=False):
+    """Plain ORT (the body inlined), onnx.reference and ORT with the library. onnx.reference
+    (1.23) ignores a function's attribute defaults, so a node without queries_at_end runs in the
+    other two only (None in its place)."""
+    model = one_node_model(mask_use, feeds, block_size, scale, is_causal, opset, queries_at_end)
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with_library = session(model.SerializeToString(), with_library=True)
     names = {i.name for i in plain.get_inputs()}
     run_feeds = {k: v for k, v in feeds.items() if k in names}
     out_plain = plain.run(["Y"], run_feeds)[0]
-    out_reference = ReferenceEvaluator(model).run(None, run_feeds)[0]
+    out_reference = None if queries_at_end is None else ReferenceEvaluator(model).run(None, run_feeds)[0]
     out_library = with_library.run(["Y"], run_feeds)[0]
     return out_plain, out_reference, out_library
 
 
 def check(ops_library, q, k, v, layout, block_size, scale=None, is_causal=False, attn_mask=None,
-          key_padding_mask=None, opset=20):
+          key_padding_mask=None, opset=20, layout_rule=None, queries_at_end=False):
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     mask_use = MaskUse(
         attn_mask=None if attn_mask is None else ("bool" if attn_mask.dtype == np.bool_ else "float"),
         key_padding_mask=key_padding_mask is not None,
+        layout_rule=layout_rule is not None,
     )
     feeds = {"Q": q, "K": k, "V": v, "layout": layout}
     if attn_mask is not None:
         feeds["attn_mask"] = attn_mask
     if key_padding_mask is not None:
         feeds["key_padding_mask"] = key_padding_mask
+    if layout_rule is not None:
+        feeds["layout_rule"] = layout_rule
     ref = block_sparse_attention_ref(q, k, v, layout, block_size, scale=scale, is_causal=is_causal,
-                                     attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    plain, reference, library = run_three_ways(ops_library, mask_use, feeds, block_size, scale, is_causal, opset)
-    for out in (plain, reference, library):
+                                     attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                     layout_rule=layout_rule, queries_at_end=bool(queries_at_end))
+    plain, reference, library = run_three_ways(ops_library, mask_use, feeds, block_size, scale, is_causal, opset,
+                                               queries_at_end)
+    outputs = [out for out in (plain, reference, library) if out is not None]
+    for out in outputs:
         assert out.shape == ref.shape
         assert np.all(np.isfinite(out))
         np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
-    np.testing.assert_allclose(plain, library, atol=ATOL, rtol=0)
-    np.testing.assert_allclose(reference, library, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(out, library, atol=ATOL, rtol=0)
     dead = np.all(ref == 0.0, axis=-1)
-    for out in (plain, reference, library):
+    for out in outputs:
         assert np.all(out[dead] == 0.0)
     return plain, ref
 
@@ -269,16 +281,78 @@ def test_float_mask_broadcasts(ops_library, rng, shape):
     check(ops_library, q, k, v, rand_layout(rng, 1, 2, 2, p=0.5), 16, attn_mask=mask)
 
 
+# Version 2: lengths beyond the layout's explicit region, layout_rule, queries_at_end.
+
+
+def rand_rule(rng, hl):
+    rule = np.stack([rng.integers(0, 3, hl), rng.choice([-1, 0, 2], hl), rng.choice([-1, 0, 1], hl),
+                     rng.integers(0, 2, hl)], axis=1).astype(np.int64)
+    rule[0] = (1, 1, 0, 0)
+    return rule
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("sq,sk", [(1, 140), (5, 140), (37, 140), (140, 140)])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_queries_at_end(ops_library, rng, bs, sq, sk, is_causal):
+    q, k, v = rand_qkv(rng, 1, 2, 2, sq, sk, 8)
+    m = blocks(sk, bs)
+    check(ops_library, q, k, v, rand_layout(rng, 2, m, m, p=0.5), bs, is_causal=is_causal, queries_at_end=True)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("sq,sk,at_end", [(150, 150, False), (40, 150, False), (9, 150, True), (1, 150, True)])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_rule_beyond_the_explicit_region(ops_library, rng, bs, sq, sk, at_end, is_causal):
+    q, k, v = rand_qkv(rng, 1, 4, 2, sq, sk, 8)
+    check(ops_library, q, k, v, rand_layout(rng, 4, 2, 1, p=0.5), bs, is_causal=is_causal,
+          layout_rule=rand_rule(rng, 4), queries_at_end=at_end)
+
+
+@pytest.mark.parametrize("explicit", [0, 1], ids=["rule-only", "one-block"])
+@pytest.mark.parametrize("hl", [1, 3])
+def test_rule_only_layouts(ops_library, rng, explicit, hl):
+    q, k, v = rand_qkv(rng, 2, 3, 1, 70, 70, 8)
+    check(ops_library, q, k, v, np.ones((hl, explicit, explicit), np.uint8), 16, is_causal=True,
+          layout_rule=rand_rule(rng, hl))
+
+
+@pytest.mark.parametrize("attn_mask,kpm", MASK_VARIANTS)
+@pytest.mark.parametrize("sq", [1, 20])
+def test_mask_use_variants_with_rule_and_offset(ops_library, rng, attn_mask, kpm, sq):
+    b, h, sk, d, bs = 2, 2, 60, 8, 16
+    q, k, v = rand_qkv(rng, b, h, h, sq, sk, d)
+    check(ops_library, q, k, v, rand_layout(rng, 1, 2, 2), bs, is_causal=True,
+          attn_mask=make_attn_mask(rng, attn_mask, b, sq, sk), key_padding_mask=make_kpm(b, sk) if kpm else None,
+          layout_rule=np.array([[1, 1, 0, 0]], np.int64), queries_at_end=True)
+
+
+@pytest.mark.parametrize("sq,sk", [(70, 70), (30, 60), (60, 30)])
+def test_version_1_node_beyond_its_layout_continues_densely(ops_library, rng, sq, sk):
+    """A node without queries_at_end or a rule (version 1's form): the blocks beyond the layout
+    are all computed, in the body as in the kernel."""
+    q, k, v = rand_qkv(rng, 1, 2, 2, sq, sk, 8)
+    layout = rand_layout(rng, 2, 2, 2, p=0.4)
+    out, _ = check(ops_library, q, k, v, layout, 16, is_causal=True, queries_at_end=None)
+    dense_beyond = block_sparse_attention_ref(q, k, v, np.pad(layout, ((0, 0), (0, 3), (0, 3)), constant_values=1),
+                                              16, is_causal=True)
+    np.testing.assert_allclose(out, dense_beyond, atol=ATOL, rtol=RTOL)
+
+
 # The builder's own contract.
 
 
 def test_formal_inputs_follow_the_mask_use():
     assert list(build_function(MaskUse(), 20).input) == ["Q", "K", "V", "layout"]
     assert list(build_function(MaskUse("float"), 20).input) == ["Q", "K", "V", "layout", "attn_mask"]
-    assert list(build_function(MaskUse(None, True), 20).input) == list(op_schema.INPUTS)
+    assert list(build_function(MaskUse(None, True), 20).input) == list(op_schema.INPUTS[:6])
+    assert list(build_function(MaskUse(layout_rule=True), 20).input) == list(op_schema.INPUTS)
     function = build_function(MaskUse("bool", True), 20)
     assert (function.domain, function.name) == (op_schema.DOMAIN, op_schema.OP_TYPE)
-    assert list(function.attribute) == list(op_schema.ATTRIBUTES)
+    declared = list(function.attribute) + [a.name for a in function.attribute_proto]
+    assert sorted(declared) == sorted(op_schema.ATTRIBUTES)
+    # Only queries_at_end (absent from version-1 nodes) has a default: 0.
+    assert [(a.name, a.i) for a in function.attribute_proto] == [("queries_at_end", 0)]
 
 
 def test_opset_too_old():

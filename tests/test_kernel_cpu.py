@@ -39,11 +39,11 @@ _NP_TO_ONNX = {
     np.dtype(np.bool_): TensorProto.BOOL,
 }
 
-_INPUT_NAMES = ["Q", "K", "V", "layout", "attn_mask", "key_padding_mask"]
+_INPUT_NAMES = ["Q", "K", "V", "layout", "attn_mask", "key_padding_mask", "layout_rule"]
 
 
-def make_model(dtypes, block_size=None, scale=None, is_causal=None):
-    """One-node model. dtypes: list of 6 numpy dtypes or None (omitted input)."""
+def make_model(dtypes, block_size=None, scale=None, is_causal=None, queries_at_end=None, op_version=2):
+    """One-node model. dtypes: list of up to 7 numpy dtypes or None (omitted input)."""
     node_inputs, graph_inputs = [], []
     for name, dt in zip(_INPUT_NAMES, dtypes):
         if dt is None:
@@ -60,6 +60,8 @@ def make_model(dtypes, block_size=None, scale=None, is_causal=None):
         attrs["scale"] = float(scale)
     if is_causal is not None:
         attrs["is_causal"] = int(is_causal)
+    if queries_at_end is not None:
+        attrs["queries_at_end"] = int(queries_at_end)
     node = helper.make_node(
         "BlockSparseAttention", node_inputs, ["Y"], domain="onnxprune", **attrs
     )
@@ -71,7 +73,7 @@ def make_model(dtypes, block_size=None, scale=None, is_causal=None):
     )
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnxprune", 1)],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnxprune", op_version)],
     )
     model.ir_version = 8
     return model
@@ -87,10 +89,12 @@ def make_session(ops_library, model):
 
 
 def run_op(ops_library, q, k, v, layout, block_size, scale=None, is_causal=None,
-           attn_mask=None, key_padding_mask=None):
-    arrays = [q, k, v, layout, attn_mask, key_padding_mask]
+           attn_mask=None, key_padding_mask=None, layout_rule=None, queries_at_end=None, op_version=2):
+    arrays = [q, k, v, layout, attn_mask, key_padding_mask, layout_rule]
     dtypes = [None if a is None else a.dtype for a in arrays]
-    sess = make_session(ops_library, make_model(dtypes, block_size, scale, is_causal))
+    sess = make_session(
+        ops_library, make_model(dtypes, block_size, scale, is_causal, queries_at_end, op_version)
+    )
     feeds = {n: a for n, a in zip(_INPUT_NAMES, arrays) if a is not None}
     return sess.run(None, feeds)[0]
 
@@ -143,15 +147,18 @@ def rand_layout(rng, Hl, Mq, Mk, p=0.5, keep_diag=True):
 
 
 def check(ops_library, q, k, v, layout, block_size, scale=None, is_causal=False,
-          attn_mask=None, key_padding_mask=None, expect_dead_rows=None):
+          attn_mask=None, key_padding_mask=None, expect_dead_rows=None, layout_rule=None,
+          queries_at_end=False, op_version=2):
     out = run_op(
         ops_library, q, k, v, layout, block_size, scale=scale,
         is_causal=int(is_causal) if is_causal else None,
-        attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask, key_padding_mask=key_padding_mask, layout_rule=layout_rule,
+        queries_at_end=int(queries_at_end) if queries_at_end else None, op_version=op_version,
     )
     ref = block_sparse_attention_ref(
         q, k, v, layout, block_size, scale=scale, is_causal=is_causal,
-        attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask, key_padding_mask=key_padding_mask, layout_rule=layout_rule,
+        queries_at_end=queries_at_end,
     )
     assert out.dtype == np.float32
     assert out.shape == ref.shape
@@ -449,6 +456,152 @@ def test_session_reuse_with_different_shapes(ops_library, rng):
 
 
 # --------------------------------------------------------------------------
+# Version 2: lengths beyond the layout's explicit region, layout_rule, queries_at_end.
+
+
+def rand_rule(rng, hl, n_blocks_total):
+    """Per-head (sink_blocks, window_before, window_after, global_query_blocks), unbounded windows
+    (-1) and zeros included."""
+    rule = np.stack([
+        rng.integers(0, 3, hl),
+        rng.choice([-1, 0, 1, 3], hl),
+        rng.choice([-1, 0, 2], hl),
+        rng.integers(0, 2, hl),
+    ], axis=1).astype(np.int64)
+    rule[0] = (1, 1, 0, 0)  # at least one head with a proper sink + local window
+    return np.minimum(rule, n_blocks_total)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("sq,sk", [(1, 203), (5, 150), (37, 150), (100, 300), (150, 150)])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_queries_at_end(ops_library, rng, bs, sq, sk, is_causal):
+    # Offset queries: the tile holding the first query starts before it and the last one is
+    # partial; layout rows and causal masking use the absolute positions sk - sq + i.
+    H = 2
+    q, k, v = rand_inputs(rng, 1, H, H, sq, sk, 16)
+    m = n_blocks(sk, bs)
+    layout = rand_layout(rng, H, m, m, p=0.5)
+    check(ops_library, q, k, v, layout, bs, is_causal=is_causal, queries_at_end=True)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_rule_beyond_the_explicit_region(ops_library, rng, bs, is_causal):
+    B, Hq, Hkv, S, D = 1, 4, 2, 301, 16
+    q, k, v = rand_inputs(rng, B, Hq, Hkv, S, S, D)
+    layout = rand_layout(rng, Hq, 2, 2, p=0.5)
+    rule = rand_rule(rng, Hq, n_blocks(S, bs))
+    check(ops_library, q, k, v, layout, bs, is_causal=is_causal, layout_rule=rule)
+
+
+@pytest.mark.parametrize("explicit", [0, 1], ids=["rule-only", "one-block"])
+@pytest.mark.parametrize("bs", [16, 64])
+@pytest.mark.parametrize("sq,sk,at_end", [(130, 130, False), (7, 130, True), (1, 97, True), (40, 97, False)])
+def test_rule_only_layouts(ops_library, rng, explicit, bs, sq, sk, at_end):
+    Hq = 3
+    q, k, v = rand_inputs(rng, 2, Hq, 1, sq, sk, 24)
+    layout = np.ones((Hq, explicit, explicit), np.uint8)
+    rule = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [2, -1, 1, 0]], np.int64)
+    check(ops_library, q, k, v, layout, bs, is_causal=True, layout_rule=rule, queries_at_end=at_end)
+
+
+@pytest.mark.parametrize("sq", [1, 5, 16, 33])
+def test_decode_and_chunks_with_rule_gqa_and_padding(ops_library, rng, sq):
+    # A KV-cache step: batch rows of different lengths (key padding), grouped heads, a rule that
+    # continues a small learned layout, causal masking at absolute positions.
+    B, Hq, Hkv, Sk, D, bs = 3, 4, 2, 170, 32, 16
+    q, k, v = rand_inputs(rng, B, Hq, Hkv, sq, Sk, D)
+    layout = rand_layout(rng, 1, 3, 3, p=0.6)
+    rule = np.array([[1, 2, 0, 1]], np.int64)
+    kpm = np.ones((B, Sk), np.int64)
+    kpm[1, :40] = 0  # left padding
+    kpm[2, :] = 0  # no valid key at all: zeros
+    out, _ = check(ops_library, q, k, v, layout, bs, is_causal=True, key_padding_mask=kpm, layout_rule=rule,
+                   queries_at_end=True, expect_dead_rows=True)
+    assert np.all(out[2] == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask_with_queries_at_end(ops_library, rng, kind):
+    # attn_mask [B, 1, Sq, Sk] is indexed by the local query, not by its absolute position.
+    B, H, Sq, Sk, D, bs = 2, 2, 21, 90, 16, 16
+    q, k, v = rand_inputs(rng, B, H, H, Sq, Sk, D)
+    layout = rand_layout(rng, 1, 2, 2)
+    if kind == "bool":
+        mask = rng.random((B, 1, Sq, Sk)) < 0.7
+        mask[0, 0, 4] = False
+    else:
+        mask = (rng.standard_normal((B, 1, Sq, Sk)) * 2).astype(np.float32)
+        mask[0, 0, 4] = -np.inf
+    out, _ = check(ops_library, q, k, v, layout, bs, attn_mask=mask, layout_rule=np.array([[0, 1, 1, 0]], np.int64),
+                   queries_at_end=True, expect_dead_rows=True)
+    assert np.all(out[0, :, 4] == 0.0)
+
+
+def test_rule_rows_fully_masked_give_zeros(ops_library, rng):
+    # Beyond the region only the diagonal block is kept (window 0, 0); key padding removes
+    # every key of block 3, so the queries of block row 3 see nothing.
+    B, H, S, D, bs = 1, 2, 80, 8, 16
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    kpm = np.ones((B, S), np.bool_)
+    kpm[0, 48:64] = False
+    out, _ = check(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), bs, key_padding_mask=kpm,
+                   layout_rule=np.array([[0, 0, 0, 0]], np.int64), expect_dead_rows=True)
+    assert np.all(out[0, :, 48:64] == 0.0)
+    assert np.all(np.abs(out[0, :, 64:]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("sq,sk", [(100, 100), (40, 75), (75, 40)])
+def test_version_1_node_continues_densely(ops_library, rng, sq, sk):
+    # A version-1 file whose layout is shorter than the input: the blocks beyond it are computed.
+    q, k, v = rand_inputs(rng, 2, 2, 2, sq, sk, 16)
+    layout = rand_layout(rng, 2, 2, 2, p=0.5)
+    out, ref = check(ops_library, q, k, v, layout, 16, op_version=1)
+    dense_beyond = block_sparse_attention_ref(q, k, v, np.pad(layout, ((0, 0), (0, 5), (0, 5)), constant_values=1), 16)
+    np.testing.assert_allclose(out, dense_beyond, atol=ATOL, rtol=RTOL)
+
+
+def test_random_rules_lengths_and_offsets(ops_library, rng):
+    # Many small random configurations: every combination of rule columns (-1 included), explicit
+    # regions from empty to wider than the input, offsets, causal or not.
+    for _ in range(12):
+        bs = int(rng.choice([16, 32, 64, 128]))
+        hq, hkv = [(2, 1), (2, 2), (4, 2)][rng.integers(3)]
+        sk = int(rng.integers(1, 400))
+        at_end = bool(rng.integers(2))
+        sq = int(rng.integers(1, sk + 1)) if at_end else int(rng.integers(1, 300))
+        hl = int(rng.choice([1, hq]))
+        mq, mk = (int(x) for x in rng.integers(0, 4, 2))
+        rule = np.stack([rng.integers(0, 4, hl), rng.integers(-1, 5, hl), rng.integers(-1, 5, hl),
+                         rng.integers(0, 3, hl)], axis=1).astype(np.int64)
+        q, k, v = rand_inputs(rng, 2, hq, hkv, sq, sk, 16)
+        check(ops_library, q, k, v, rand_layout(rng, hl, mq, mk, p=0.5), bs, is_causal=bool(rng.integers(2)),
+              layout_rule=rule, queries_at_end=at_end)
+
+
+def test_rule_equals_its_explicit_expansion(ops_library, rng):
+    # The same blocks given by the rule or written out in the layout give the same output.
+    B, H, S, D, bs = 1, 2, 200, 16, 32
+    q, k, v = rand_inputs(rng, B, H, H, S, S, D)
+    m = n_blocks(S, bs)
+    rule = np.array([[1, 2, 0, 0], [0, -1, 0, 1]], np.int64)
+    r, c = np.arange(m)[:, None], np.arange(m)[None, :]
+    explicit = np.stack([(c < 1) | ((c >= r - 2) & (c <= r)), (c <= r) | (r < 1)]).astype(np.uint8)
+    by_rule = run_op(ops_library, q, k, v, np.zeros((H, 0, 0), np.uint8), bs, layout_rule=rule)
+    by_layout = run_op(ops_library, q, k, v, explicit, bs)
+    np.testing.assert_allclose(by_rule, by_layout, atol=1e-6, rtol=1e-6)
+
+
+def test_queries_at_end_with_equal_lengths_is_top_left(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 2, 2, 70, 70, 16)
+    layout = rand_layout(rng, 2, 5, 5)
+    a = run_op(ops_library, q, k, v, layout, 16, is_causal=1, queries_at_end=1)
+    b = run_op(ops_library, q, k, v, layout, 16, is_causal=1)
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------
 # Errors: session.run raises an onnxruntime error naming the sizes.
 
 
@@ -458,28 +611,18 @@ def _base(rng, B=2, Hq=4, Hkv=2, Sq=40, Sk=40, D=16, Dv=16, bs=16):
     return dict(q=q, k=k, v=v, layout=layout)
 
 
-def _expect_error(ops_library, fragments, block_size=16, is_causal=None, scale=None, **arrays):
-    names = ["q", "k", "v", "layout", "attn_mask", "key_padding_mask"]
+def _expect_error(ops_library, fragments, block_size=16, is_causal=None, scale=None, queries_at_end=None,
+                  **arrays):
+    names = ["q", "k", "v", "layout", "attn_mask", "key_padding_mask", "layout_rule"]
     arrs = [arrays.get(n) for n in names]
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument) as excinfo:
         run_op(ops_library, *arrs[:4], block_size, scale=scale, is_causal=is_causal,
-               attn_mask=arrs[4], key_padding_mask=arrs[5])
+               attn_mask=arrs[4], key_padding_mask=arrs[5], layout_rule=arrs[6],
+               queries_at_end=queries_at_end)
     msg = str(excinfo.value)
     for frag in fragments:
         assert re.search(frag, msg), f"{frag!r} not in error message: {msg}"
     return msg
-
-
-def test_error_sq_exceeds_layout(ops_library, rng):
-    a = _base(rng, Sq=40, Sk=40)
-    a["layout"] = np.ones((1, 2, 3), np.uint8)
-    _expect_error(ops_library, [r"Sq=40", r"Mq=2", r"32"], **a)
-
-
-def test_error_sk_exceeds_layout(ops_library, rng):
-    a = _base(rng, Sq=40, Sk=40)
-    a["layout"] = np.ones((1, 3, 2), np.uint8)
-    _expect_error(ops_library, [r"Sk=40", r"Mk=2", r"32"], **a)
 
 
 def test_error_q_rank(ops_library, rng):
@@ -562,6 +705,44 @@ def test_error_is_causal_value(ops_library, rng):
     _expect_error(ops_library, [r"is_causal", r"2"], is_causal=2, **a)
 
 
+@pytest.mark.parametrize("column,value,name", [
+    (0, -1, "sink_blocks=-1"), (1, -2, "window_before=-2"), (2, -5, "window_after=-5"),
+    (3, -1, "global_query_blocks=-1"),
+])
+def test_error_rule_values(ops_library, rng, column, value, name):
+    a = _base(rng, Hq=4, Hkv=2)
+    a["layout"] = np.ones((4, 1, 1), np.uint8)
+    rule = np.zeros((4, 4), np.int64)
+    rule[2, column] = value
+    a["layout_rule"] = rule
+    _expect_error(ops_library, [r"layout_rule", r"head 2", name], **a)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (4, 4), (4,), (1, 1, 4)])
+def test_error_rule_shape(ops_library, rng, shape):
+    a = _base(rng, Hq=4, Hkv=2)  # layout Hl = 1
+    a["layout_rule"] = np.zeros(shape, np.int64)
+    frag = re.escape("[" + ", ".join(map(str, shape)) + "]")
+    _expect_error(ops_library, [r"layout_rule shape", frag, r"\[1, 4\]"], **a)
+
+
+@pytest.mark.parametrize("dt", [np.int32, np.float32, np.uint8])
+def test_error_rule_dtype(ops_library, rng, dt):
+    a = _base(rng)
+    a["layout_rule"] = np.zeros((1, 4), dt)
+    _expect_error(ops_library, [r"layout_rule must be int64"], **a)
+
+
+def test_error_more_queries_than_keys_at_end(ops_library, rng):
+    a = _base(rng, Sq=41, Sk=40)
+    _expect_error(ops_library, [r"queries_at_end", r"Sq=41", r"Sk=40"], queries_at_end=1, **a)
+
+
+def test_error_queries_at_end_value(ops_library, rng):
+    a = _base(rng)
+    _expect_error(ops_library, [r"queries_at_end", r"2"], queries_at_end=2, **a)
+
+
 @pytest.mark.parametrize("dt", [np.int32, np.float64, np.uint8])
 def test_error_attn_mask_dtype(ops_library, rng, dt):
     a = _base(rng)
@@ -589,7 +770,7 @@ def test_error_declared_dtype(ops_library, rng, which):
 def test_process_survives_errors(ops_library, rng):
     a = _base(rng)
     bad = dict(a)
-    bad["layout"] = np.ones((1, 1, 1), np.uint8)
+    bad["layout"] = np.ones((3, 3, 3), np.uint8)  # Hl=3 heads for Hq=4
     model = make_model([np.float32] * 3 + [np.uint8, None, None], 16)
     sess = make_session(ops_library, model)
     feeds = {"Q": a["q"], "K": a["k"], "V": a["v"]}

@@ -6,6 +6,7 @@ ONNX Runtime offers on CPU, and against a float32 GEMM ceiling, all measured in 
     .venv/bin/python tools/bench_attention.py --threads 1 2 --kept 0.05 0.1 0.2 0.5 1
     .venv/bin/python tools/bench_attention.py --flex --blocks 128  # + torch FlexAttention (compiled)
     .venv/bin/python tools/bench_attention.py --memory --seq 8192  # peak working memory instead
+    .venv/bin/python tools/bench_attention.py --rule --seq 2048 --threads 1  # layout_rule vs explicit
 
 Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread count):
   decomposed  ORT: Transpose → MatMul → Mul → Softmax → MatMul (what exporters emit)
@@ -15,6 +16,8 @@ Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread c
               (with --flex; compile time is excluded; block 128 is its native size)
   bsa         onnxprune.BlockSparseAttention with the library's CPU kernel
 The layout keeps every diagonal block plus random others up to the asked fraction, per head.
+With --rule, the table compares instead the same sink + local-window layout given two ways, in one
+interleaved run: by a layout_rule beyond an empty explicit region, and written out block by block.
 Runs are interleaved (one of each contestant in turn) so load from other processes hits all
 alike; the table gives medians. GEMM is ORT's MatMul on 2048² × 2048² float32 matrices, the
 machine's practical float32 rate; "GFLOP/s kept" counts 4·bs²·D per computed block.
@@ -58,11 +61,14 @@ def _float_inputs(names, rank=None):
     return [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
 
 
-def bsa_model(block: int) -> bytes:
+def bsa_model(block: int, with_rule: bool = False) -> bytes:
     inputs = _float_inputs("QKV") + [helper.make_tensor_value_info("layout", TensorProto.UINT8, None)]
-    node = helper.make_node("BlockSparseAttention", ["Q", "K", "V", "layout"], ["Y"],
-                            domain="onnxprune", block_size=block)
-    return _model([node], inputs, extra_opsets=[("onnxprune", 1)])
+    node_inputs = ["Q", "K", "V", "layout"]
+    if with_rule:
+        inputs.append(helper.make_tensor_value_info("layout_rule", TensorProto.INT64, None))
+        node_inputs += ["", "", "layout_rule"]
+    node = helper.make_node("BlockSparseAttention", node_inputs, ["Y"], domain="onnxprune", block_size=block)
+    return _model([node], inputs, extra_opsets=[("onnxprune", 2)])
 
 
 def decomposed_model(head_size: int) -> bytes:
@@ -241,6 +247,58 @@ def memory_table(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Rule-driven layouts against the same layouts written out
+
+
+def sink_window_rule(kept: float, blocks: int) -> np.ndarray:
+    """Per head (sink_blocks, window_before, window_after, global_query_blocks): one sink block
+    and a window of past blocks sized so that about `kept` of all blocks are kept."""
+    window = max(0, round(kept * blocks) - 2)
+    return np.tile(np.array([[1, window, 0, 0]], np.int64), (HEADS, 1))
+
+
+def expand_rule(rule: np.ndarray, blocks: int) -> np.ndarray:
+    """The explicit [H, blocks, blocks] layout the rule describes (every block beyond [H, 0, 0])."""
+    r, c = np.arange(blocks)[:, None], np.arange(blocks)[None, :]
+    layout = [(c < sink) | (((before < 0) | (c >= r - before)) & ((after < 0) | (c <= r + after))) | (r < glob)
+              for sink, before, after, glob in rule]
+    return np.stack(layout).astype(np.uint8)
+
+
+def rule_table(args) -> None:
+    print(f"layout_rule against the same layout given explicitly; B=1, {HEADS} heads, D={args.head_size}, "
+          "float32; median ms of interleaved runs")
+    print(f"{'thr':>3} {'S':>5} {'block':>5} {'kept':>5} {'explicit ms':>11} {'rule ms':>8} {'rule/explicit':>13} "
+          f"{'explicit GFLOP/s kept':>21} {'rule GFLOP/s kept':>17}")
+    d = args.head_size
+    rng = np.random.default_rng(0)
+    for threads in args.threads:
+        for s in args.seq:
+            q, k, v = (rng.standard_normal((1, HEADS, s, d)).astype(np.float32) for _ in range(3))
+            for block in args.blocks:
+                explicit_sess = session(bsa_model(block), threads, with_library=True)
+                rule_sess = session(bsa_model(block, with_rule=True), threads, with_library=True)
+                blocks = -(-s // block)
+                for kept in args.kept:
+                    rule = sink_window_rule(kept, blocks)
+                    layout = expand_rule(rule, blocks)
+                    explicit_feeds = {"Q": q, "K": k, "V": v, "layout": layout}
+                    rule_feeds = {"Q": q, "K": k, "V": v, "layout": np.zeros((HEADS, 0, 0), np.uint8), "layout_rule": rule}
+                    a = explicit_sess.run(None, explicit_feeds)[0]
+                    b = rule_sess.run(None, rule_feeds)[0]
+                    assert np.abs(a - b).max() < 1e-5, "the rule and its expansion give different outputs"
+                    contestants = [Contestant("explicit", lambda f=explicit_feeds, e=explicit_sess: e.run(None, f)),
+                                   Contestant("rule", lambda f=rule_feeds, r=rule_sess: r.run(None, f))]
+                    time_interleaved(contestants, args.seconds)
+                    ms = {c.name: median_ms(c) for c in contestants}
+                    flops = 4.0 * block * block * d * int(layout.sum())
+                    rates = [flops / (ms[n] / 1e3) / 1e9 for n in ("explicit", "rule")]
+                    print(f"{threads:>3} {s:>5} {block:>5} {float(layout.mean()):>5.3f} {ms['explicit']:>11.2f} "
+                          f"{ms['rule']:>8.2f} {ms['rule'] / ms['explicit']:>13.3f} {rates[0]:>21.1f} {rates[1]:>17.1f}",
+                          flush=True)
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -254,6 +312,8 @@ def main() -> None:
     parser.add_argument("--flex", action="store_true", help="also time torch FlexAttention (compiled)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense ORT contestants")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
+    parser.add_argument("--rule", action="store_true",
+                        help="compare a layout_rule (sink + local window) with the same layout given explicitly")
     parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -262,6 +322,9 @@ def main() -> None:
         return
     if args.memory:
         memory_table(args)
+        return
+    if args.rule:
+        rule_table(args)
         return
 
     import ctypes

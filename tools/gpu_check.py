@@ -307,7 +307,8 @@ def check_correctness(ck, lib, device, res, dry_run):
 def check_errors(ck, lib, res):
     """Bad shapes: the entry point returns the op's error (same text as the CPU kernel's)."""
     cases = [
-        (dict(q_shape=[2, 4, 40, 16], layout_shape=[1, 2, 3]), ["Sq=40", "Mq=2"]),
+        (dict(q_shape=[2, 4, 41, 16], queries_at_end=1), ["queries_at_end", "Sq=41", "Sk=40"]),
+        (dict(layout_rule=[[0, -2, 0, 0]]), ["layout_rule head 0", "window_before=-2"]),
         (dict(k_shape=[2, 4, 40, 8]), ["D=16", "D=8"]),
         (dict(q_shape=[2, 6, 40, 16], layout_shape=[1, 3, 3]), ["Hq=6", "Hkv=4"]),
         (dict(block_size=48), ["block_size", "48"]),
@@ -319,7 +320,8 @@ def check_errors(ck, lib, res):
                   layout_shape=[1, 3, 3], block_size=16)  # fmt: skip
         kw.update(over)
         code, msg = ck.run_raw(lib, ck.FLOAT16, None, kw["q_shape"], None, kw["k_shape"], None, kw["v_shape"],
-                               None, kw["layout_shape"], None, kw["block_size"])  # fmt: skip
+                               None, kw["layout_shape"], None, kw["block_size"], layout_rule=kw.get("layout_rule"),
+                               queries_at_end=kw.get("queries_at_end", 0))  # fmt: skip
         ok = code == ck.INVALID_ARGUMENT and all(f in msg for f in frags)
         ok_all &= ok
         res.append("errors", {"case": over, "code": code, "message": msg, "ok": ok})

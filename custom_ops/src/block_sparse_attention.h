@@ -4,13 +4,17 @@
 // and a "parallel for" callback, so a test harness can drive it directly.
 // The ORT custom-op glue lives in register.cc.
 //
-// Semantics (op onnxprune.BlockSparseAttention, version 1): for batch b,
-// query head h, query i and key j
+// Semantics (op onnxprune.BlockSparseAttention, versions 1 and 2): for batch
+// b, query head h, query i and key j, with the query's absolute position
+// a = i + off (off = Sk - Sq when queries_at_end, else 0)
 //   s_ij = scale * <Q_i, K_j> + bias_ij
-// where bias_ij = -inf if the layout block [h or 0, i / bs, j / bs] is zero,
-// if key j is padding, if causal masking excludes it (j > i), or if a bool
-// attn_mask is false; a float attn_mask is added. Y_i = softmax_j(s_ij) V_j,
-// and a row whose scores are all -inf gives Y_i = 0.
+// where bias_ij = -inf if block (a / bs, j / bs) of head h is not kept, if
+// key j is padding, if causal masking excludes it (j > a), or if a bool
+// attn_mask (indexed by i) is false; a float attn_mask is added.
+// Y_i = softmax_j(s_ij) V_j, and a row whose scores are all -inf gives Y_i = 0.
+// Block (qb, kb) is kept: inside the layout's [Mq, Mk] region when the layout
+// says so; outside it when the head's layout_rule keeps it (bsa_rule_keeps),
+// or always when there is no rule (dense continuation, every version-1 node).
 #pragma once
 
 #include <cstddef>
@@ -19,6 +23,15 @@
 #include <vector>
 
 namespace onnxprune {
+
+// Helpers defined in this header have internal linkage (static): a weak copy
+// exported by one instruction set's TU could otherwise be called by another's.
+// BSA_SHARED_FN ones also run in the CUDA kernels.
+#if defined(__CUDACC__)
+#define BSA_SHARED_FN static inline __host__ __device__
+#else
+#define BSA_SHARED_FN static inline
+#endif
 
 // Element type codes; identical to ONNX TensorProto / ONNXTensorElementDataType.
 enum ElemType : int32_t {
@@ -45,15 +58,56 @@ struct BsaInputDesc {
   std::vector<int64_t> key_padding_mask_shape;
   int32_t key_padding_mask_type = kElemUndefined;  // kElemBool or kElemInt64
 
+  // layout_rule (input 6): int64 [Hl, 4], read on the host (also by the CUDA
+  // op, which takes it in CPU memory) so that its values can be validated.
+  bool has_layout_rule = false;
+  std::vector<int64_t> layout_rule_shape;
+  int32_t layout_rule_type = kElemUndefined;
+  const int64_t* layout_rule = nullptr;
+
   int64_t block_size = 0;
   bool has_scale = false;
   float scale = 0.0f;
   int64_t is_causal = 0;
+  int64_t queries_at_end = 0;
 
   // The CUDA kernel also takes float16 and bfloat16 (Q, K, V and a float
   // attn_mask then share Q's type); the CPU kernel takes float32 only.
   bool allow_half = false;
 };
+
+// Columns of a layout_rule row, per head.
+enum BsaRuleColumn : int {
+  kRuleSinkBlocks = 0,     // key blocks kb < sink_blocks are kept
+  kRuleWindowBefore = 1,   // kb >= qb - window_before (-1: unbounded)
+  kRuleWindowAfter = 2,    // kb <= qb + window_after (-1: unbounded)
+  kRuleGlobalQueries = 3,  // query blocks qb < global_query_blocks keep every key block
+  kRuleColumns = 4,
+};
+
+// Whether the rule row `rule` (kRuleColumns validated values; int64 on the
+// CPU, clamped int32 in the CUDA kernel's parameters) keeps block (qb, kb), a
+// block outside the layout's explicit region. Written with differences of
+// block indices so that large window values cannot overflow.
+template <typename T>
+BSA_SHARED_FN bool bsa_rule_keeps(const T* rule, int64_t qb, int64_t kb) {
+  if (kb < rule[kRuleSinkBlocks] || qb < rule[kRuleGlobalQueries]) return true;
+  const int64_t before = rule[kRuleWindowBefore], after = rule[kRuleWindowAfter];
+  return (before < 0 || qb - kb <= before) && (after < 0 || kb - qb <= after);
+}
+
+// The first key block >= kb of block row qb that the rule keeps (kb itself when
+// it is kept), or -1 when it keeps none: a kernel walks a long row's few kept
+// blocks (sink, window) without testing every pruned one.
+template <typename T>
+BSA_SHARED_FN int64_t bsa_rule_next_kept(const T* rule, int64_t qb, int64_t kb) {
+  if (bsa_rule_keeps(rule, qb, kb)) return kb;
+  // kb is past the sink blocks, qb is no global row and kb lies outside the window:
+  // the window itself is all that can follow.
+  const int64_t before = rule[kRuleWindowBefore];
+  if (before >= 0 && kb < qb - before) return qb - before;
+  return -1;
+}
 
 enum class MaskKind { kNone, kBool, kFloat };
 enum class PaddingKind { kNone, kBool, kInt64 };
@@ -67,6 +121,9 @@ struct BsaParams {
   int32_t value_type = kElemFloat;  // element type of Q, K, V, Y (and a float attn_mask)
   float scale = 1.0f;
   bool is_causal = false;
+  // Absolute position of query 0: Sk - Sq with queries_at_end, else 0. Layout
+  // rows, the rule and causal masking use absolute positions i + q_offset.
+  int64_t q_offset = 0;
 
   MaskKind mask_kind = MaskKind::kNone;
   // Element strides of the attn_mask over the broadcast shape [B, Hq, Sq, Sk]
@@ -81,6 +138,9 @@ struct BsaParams {
   const float* k = nullptr;       // [B, Hkv, Sk, D]
   const float* v = nullptr;       // [B, Hkv, Sk, Dv]
   const uint8_t* layout = nullptr;  // [Hl, Mq, Mk]
+  // [Hl, kRuleColumns] in host memory, validated; null: every block outside
+  // the explicit region is kept. Set by bsa_validate.
+  const int64_t* layout_rule = nullptr;
   const void* attn_mask = nullptr;  // bool (1 byte) or float
   const void* key_padding_mask = nullptr;  // bool (1 byte) or int64, [B, Sk]
   float* y = nullptr;             // [B, Hq, Sq, Dv]
@@ -102,9 +162,20 @@ using BsaTaskFn = void (*)(void* data, size_t index);
 using BsaParallelFor = bool (*)(void* pf_ctx, size_t total, BsaTaskFn fn, void* data);
 
 // Query rows per CPU task: a block of up to 64 rows, half a block at 128, so that a task's
-// working set stays near L1 and two threads get enough tasks. (constexpr: evaluated at compile
-// time in the per-ISA kernels, so it never becomes a shared weak symbol.)
-constexpr int64_t bsa_query_tile(int64_t block_size) { return block_size < 64 ? block_size : 64; }
+// working set stays near L1 and two threads get enough tasks.
+static constexpr int64_t bsa_query_tile(int64_t block_size) { return block_size < 64 ? block_size : 64; }
+
+// Query tiles are aligned to absolute positions (multiples of bsa_query_tile), so a tile
+// never straddles two layout block rows; with an offset the first and last tiles are partial.
+// First absolute tile and number of tiles that intersect [q_offset, q_offset + Sq).
+static inline int64_t bsa_first_query_tile(const BsaParams& p) {
+  return p.q_offset / bsa_query_tile(p.block_size);
+}
+static inline int64_t bsa_num_query_tiles(const BsaParams& p) {
+  if (p.Sq <= 0) return 0;
+  const int64_t qtile = bsa_query_tile(p.block_size);
+  return (p.q_offset + p.Sq - 1) / qtile - p.q_offset / qtile + 1;
+}
 
 // Number of independent tasks the kernel splits the work into: one per (batch, query head,
 // query tile of bsa_query_tile(block_size) rows).

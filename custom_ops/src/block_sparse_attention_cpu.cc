@@ -52,7 +52,37 @@ std::string type_str(int32_t t) {
   return os.str();
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// layout_rule: int64 [Hl, 4] with sink and global >= 0 and windows >= -1. Returns a message
+// (without the op's prefix) or an empty string.
+std::string validate_rule(const BsaInputDesc& d, int64_t hl) {
+  std::ostringstream err;
+  if (d.layout_rule_type != kElemInt64) {
+    err << "layout_rule must be int64, got " << type_str(d.layout_rule_type);
+    return err.str();
+  }
+  const auto& rs = d.layout_rule_shape;
+  if (rs.size() != 2 || rs[0] != hl || rs[1] != kRuleColumns) {
+    err << "layout_rule shape " << shape_str(rs) << " must be [Hl, 4] = [" << hl
+        << ", 4] (Hl from the layout; per head: sink_blocks, window_before, window_after, "
+           "global_query_blocks)";
+    return err.str();
+  }
+  if (hl > 0 && d.layout_rule == nullptr) return "layout_rule has no data";
+  static const char* const names[kRuleColumns] = {"sink_blocks", "window_before", "window_after",
+                                                  "global_query_blocks"};
+  for (int64_t h = 0; h < hl; ++h) {
+    for (int c = 0; c < kRuleColumns; ++c) {
+      const int64_t value = d.layout_rule[h * kRuleColumns + c];
+      const bool window = c == kRuleWindowBefore || c == kRuleWindowAfter;
+      if (value < (window ? -1 : 0)) {
+        err << "layout_rule head " << h << ": " << names[c] << "=" << value << " must be >= "
+            << (window ? "-1 (-1: unbounded)" : "0");
+        return err.str();
+      }
+    }
+  }
+  return std::string();
+}
 
 }  // namespace
 
@@ -67,6 +97,10 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
   }
   if (d.is_causal != 0 && d.is_causal != 1) {
     err << prefix << "is_causal must be 0 or 1, got " << d.is_causal;
+    return err.str();
+  }
+  if (d.queries_at_end != 0 && d.queries_at_end != 1) {
+    err << prefix << "queries_at_end must be 0 or 1, got " << d.queries_at_end;
     return err.str();
   }
 
@@ -197,17 +231,21 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
         << p.Hq;
     return err.str();
   }
-  if (p.Sq > p.Mq * p.block_size) {
-    err << prefix << "Sq=" << p.Sq << " exceeds the layout's query blocks: Mq=" << p.Mq
-        << " * block_size=" << p.block_size << " = " << p.Mq * p.block_size << " (layout "
-        << shape_str(ls) << ")";
-    return err.str();
+  // Lengths beyond the layout's explicit region are fine: the rule (or, without one, every
+  // block) continues it.
+  if (d.queries_at_end) {
+    if (p.Sq > p.Sk) {
+      err << prefix << "with queries_at_end=1 the queries are the last Sq of the Sk key positions, "
+          << "but Sq=" << p.Sq << " > Sk=" << p.Sk << " (Q " << shape_str(qs) << ", K "
+          << shape_str(ks) << ")";
+      return err.str();
+    }
+    p.q_offset = p.Sk - p.Sq;
   }
-  if (p.Sk > p.Mk * p.block_size) {
-    err << prefix << "Sk=" << p.Sk << " exceeds the layout's key blocks: Mk=" << p.Mk
-        << " * block_size=" << p.block_size << " = " << p.Mk * p.block_size << " (layout "
-        << shape_str(ls) << ")";
-    return err.str();
+  if (d.has_layout_rule) {
+    std::string rule_err = validate_rule(d, p.Hl);
+    if (!rule_err.empty()) return prefix + rule_err;
+    p.layout_rule = d.layout_rule;
   }
 
   // attn_mask: numpy broadcasting (right-aligned) to [B, Hq, Sq, Sk].
@@ -266,7 +304,7 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
 
 size_t bsa_num_tasks(const BsaParams& p) {
   if (p.block_size <= 0) return 0;
-  return static_cast<size_t>(p.B * p.Hq * ceil_div(p.Sq, bsa_query_tile(p.block_size)));
+  return static_cast<size_t>(p.B * p.Hq * bsa_num_query_tiles(p));
 }
 
 // Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).

@@ -19,13 +19,21 @@
 // either computed whole or skipped.
 // For block_size 16 and 32 a tile spans several layout blocks: it is computed
 // when any of them is kept, a warp skips it when none of its rows' blocks is
-// kept, and the pruned sub-blocks are masked per element.
+// kept, and the pruned sub-blocks are masked per element. Query tiles are local
+// (query i at absolute position i + q_off): with queries_at_end and an offset
+// that is not a multiple of the tile height, tiles straddle block rows and take
+// the same per-element path.
+//
+// Blocks beyond the layout's explicit [Mq, Mk] region follow the head's
+// layout_rule (passed by value in the launch parameters, clamped to int32), or
+// are all kept without one.
 #include "block_sparse_attention_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdlib>
@@ -38,6 +46,8 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kListCap = 256;  // key tiles listed per pass over the layout row
+// Layout heads whose rule fits in the launch parameters (kMaxRuleHeads * 16 bytes).
+constexpr int kMaxRuleHeads = 128;
 
 struct KParams {
   const void* q;
@@ -53,9 +63,12 @@ struct KParams {
   float scale;       // natural units (generic kernel)
   float scale_log2;  // scale * log2(e) (mma kernel works in base 2)
   int causal;
+  int q_off;      // absolute position of query 0 (Sk - Sq with queries_at_end, else 0)
+  int has_rule;   // 0: blocks beyond the explicit region are all kept
   int mask_kind;  // 0 none, 1 bool, 2 float (value type)
   int pad_kind;   // 0 none, 1 bool, 2 int64
   long long ms[4];  // attn_mask element strides over [B, Hq, Sq, Sk]
+  int rule[kMaxRuleHeads][kRuleColumns];  // layout_rule rows (Hl of them) when has_rule
 };
 
 // ---- small device helpers ---------------------------------------------------
@@ -151,12 +164,15 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Block (rb, cb), rb of the absolute query position: the layout's inside its
+// explicit region, else the rule's (every block without one).
 __device__ __forceinline__ bool layout_kept(const KParams& p, int hl, int rb, int cb) {
-  return __ldg(p.layout + (static_cast<int64_t>(hl) * p.Mq + rb) * p.Mk + cb) != 0;
+  if (rb < p.Mq && cb < p.Mk) return __ldg(p.layout + (static_cast<int64_t>(hl) * p.Mq + rb) * p.Mk + cb) != 0;
+  return !p.has_rule || bsa_rule_keeps(p.rule[hl], rb, cb);
 }
 
-// Any kept (and not causally excluded) layout block among query rows
-// [r0, r1) and keys [j0, j1) (both ranges non-empty, inside Sq / Sk).
+// Any kept (and not causally excluded) layout block among absolute query
+// positions [r0, r1) and keys [j0, j1) (both ranges non-empty).
 __device__ __forceinline__ bool any_block_kept(const KParams& p, int hl, int r0, int r1, int j0,
                                                int j1) {
   const int rb0 = r0 / p.bs, rb1 = (r1 - 1) / p.bs;
@@ -174,7 +190,7 @@ __device__ __forceinline__ bool any_block_kept(const KParams& p, int hl, int r0,
 // Returns the additive term (natural units) or -inf.
 template <typename T>
 __device__ __forceinline__ float element_bias(const KParams& p, int b, int h, int i, int j) {
-  if (p.causal && j > i) return -INFINITY;
+  if (p.causal && j > i + p.q_off) return -INFINITY;
   if (p.pad_kind == 1) {
     if (__ldg(static_cast<const uint8_t*>(p.kpm) + static_cast<int64_t>(b) * p.Sk + j) == 0)
       return -INFINITY;
@@ -242,7 +258,9 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
   const int q1 = min(q0 + BM, p.Sq);
   const int w0 = q0 + warp * WM;      // this warp's first row
   const int w1 = min(w0 + WM, p.Sq);  // (w0 >= w1: the warp has no rows)
-  const bool union_tiles = p.bs < BN || p.bs < BM;  // a tile spans several layout blocks
+  // A tile spans several layout blocks (small blocks, or block rows shifted by the query offset).
+  const bool union_tiles = p.bs < BN || p.bs < BM || p.q_off % BM != 0;
+  const int off = p.q_off;
 
   const T* Qg = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.Hq + h) * p.Sq * p.D;
   const T* Kg = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Sk * p.D;
@@ -286,7 +304,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
   bool q_ready = false;
 
   const int nkt = (p.Sk + BN - 1) / BN;
-  const int kt_end = p.causal ? min(nkt, (q1 - 1) / BN + 1) : nkt;
+  const int kt_end = p.causal ? min(nkt, (q1 - 1 + off) / BN + 1) : nkt;
 
   for (int c0 = 0; c0 < kt_end; c0 += kListCap) {
     // Compact the kept key tiles of [c0, c0 + kListCap) into sList, in order.
@@ -297,7 +315,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
 #pragma unroll
     for (int r = 0; r < C::PASSES; ++r) {
       const int kt = c0 + r * NT + tid;
-      keep[r] = kt < cend && any_block_kept(p, hl, q0, q1, kt * BN, min(kt * BN + BN, p.Sk));
+      keep[r] = kt < cend && any_block_kept(p, hl, q0 + off, q1 + off, kt * BN, min(kt * BN + BN, p.Sk));
       ballot[r] = __ballot_sync(0xffffffffu, keep[r]);
       if (lane == 0) sCnt[r * NW + warp] = __popc(ballot[r]);
     }
@@ -348,8 +366,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
       }
 
       const int j0 = kt * BN;
-      bool active = w0 < w1 && (!p.causal || j0 <= w1 - 1);
-      if (active && union_tiles) active = any_block_kept(p, hl, w0, w1, j0, min(j0 + BN, p.Sk));
+      bool active = w0 < w1 && (!p.causal || j0 <= w1 - 1 + off);
+      if (active && union_tiles) active = any_block_kept(p, hl, w0 + off, w1 + off, j0, min(j0 + BN, p.Sk));
       if (!active) continue;
 
       const T* cK = sK + stage * BN * LD;
@@ -386,7 +404,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
       }
       // Scale (base 2) and mask. Without masking (the common case), the scale
       // is folded into the exponent's FFMA (the max is taken on raw scores).
-      const bool need_mask = j0 + BN > p.Sk || (p.causal && j0 + BN - 1 > w0) || union_tiles ||
+      const bool need_mask = j0 + BN > p.Sk || (p.causal && j0 + BN - 1 > w0 + off) || union_tiles ||
                              p.pad_kind != 0 || p.mask_kind != 0 || !(p.scale_log2 > 0.0f);
       const float sc = need_mask ? 1.0f : p.scale_log2;  // multiplier inside the exponent
       if (need_mask) {
@@ -399,7 +417,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) bsa_mma_kernel(const KParams p)
               const int i = w0 + mt * 16 + g + (e >> 1) * 8;
               const int j = j0 + nt * 8 + 2 * t + (e & 1);
               float x = s[mt][nt][e] * p.scale_log2;
-              if (i >= p.Sq || j >= p.Sk || (union_tiles && !layout_kept(p, hl, i / p.bs, j / p.bs))) {
+              if (i >= p.Sq || j >= p.Sk || (union_tiles && !layout_kept(p, hl, (i + off) / p.bs, j / p.bs))) {
                 x = -INFINITY;
               } else {
                 x += element_bias<T>(p, b, h, i, j) * kLog2e;
@@ -526,7 +544,7 @@ __global__ void __launch_bounds__(kGenericWarps * 32) bsa_generic_kernel(const K
 
   const T* Kg = static_cast<const T*>(p.k) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Sk * p.D;
   const T* Vg = static_cast<const T*>(p.v) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Sk * p.Dv;
-  const int rb = i / p.bs;
+  const int rb = (i + p.q_off) / p.bs;  // block row of the absolute position
   const int nkb = (p.Sk + p.bs - 1) / p.bs;
   const int cb_end = p.causal ? min(nkb, rb + 1) : nkb;
   float m_run = -INFINITY, l_run = 0.0f;
@@ -534,7 +552,7 @@ __global__ void __launch_bounds__(kGenericWarps * 32) bsa_generic_kernel(const K
     if (!layout_kept(p, hl, rb, cb)) continue;
     const int jb = cb * p.bs;
     int je = min(jb + p.bs, p.Sk);
-    if (p.causal) je = min(je, i + 1);
+    if (p.causal) je = min(je, i + p.q_off + 1);
     for (int js = jb; js < je; js += 32) {
       const int j = js + lane;
       float x = -INFINITY;
@@ -717,6 +735,20 @@ std::string bsa_compute_cuda(const BsaParams& p, void* stream_ptr) {
   kp.scale = p.scale;
   kp.scale_log2 = p.scale * kLog2e;
   kp.causal = p.is_causal ? 1 : 0;
+  kp.q_off = static_cast<int>(p.q_offset);
+  if (p.layout_rule != nullptr) {
+    if (p.Hl > kMaxRuleHeads) {
+      std::ostringstream os;
+      os << "BlockSparseAttention (CUDA): a layout_rule for Hl=" << p.Hl << " layout heads; the kernel takes at most "
+         << kMaxRuleHeads;
+      return os.str();
+    }
+    kp.has_rule = 1;
+    // Validated (>= -1); indices stay below INT_MAX / 2, so larger values mean the same clamped.
+    for (int64_t h = 0; h < p.Hl; ++h)
+      for (int c = 0; c < kRuleColumns; ++c)
+        kp.rule[h][c] = static_cast<int>(std::min<int64_t>(p.layout_rule[h * kRuleColumns + c], INT_MAX));
+  }
   kp.mask_kind = p.mask_kind == MaskKind::kNone ? 0 : (p.mask_kind == MaskKind::kBool ? 1 : 2);
   kp.pad_kind =
       p.padding_kind == PaddingKind::kNone ? 0 : (p.padding_kind == PaddingKind::kBool ? 1 : 2);
@@ -750,14 +782,16 @@ extern "C" ONNXPRUNE_CUDA_EXPORT int onnxprune_bsa_cuda_run(
     const int64_t* k_shape, const void* v, const int64_t* v_shape, const void* layout,
     const int64_t* layout_shape, const void* attn_mask, int32_t attn_mask_type,
     const int64_t* attn_mask_shape, int32_t attn_mask_rank, const void* key_padding_mask,
-    int32_t key_padding_mask_type, const int64_t* key_padding_mask_shape, void* y,
-    int64_t block_size, int32_t has_scale, float scale, int64_t is_causal, void* stream,
-    char* err, size_t err_len) {
+    int32_t key_padding_mask_type, const int64_t* key_padding_mask_shape,
+    const int64_t* layout_rule, const int64_t* layout_rule_shape, int32_t layout_rule_rank, void* y,
+    int64_t block_size, int32_t has_scale, float scale, int64_t is_causal, int64_t queries_at_end,
+    void* stream, char* err, size_t err_len) {
   try {
     using namespace onnxprune;
     if (q_shape == nullptr || k_shape == nullptr || v_shape == nullptr || layout_shape == nullptr ||
         (attn_mask != nullptr && (attn_mask_shape == nullptr || attn_mask_rank < 0)) ||
-        (key_padding_mask != nullptr && key_padding_mask_shape == nullptr)) {
+        (key_padding_mask != nullptr && key_padding_mask_shape == nullptr) ||
+        (layout_rule != nullptr && (layout_rule_shape == nullptr || layout_rule_rank < 0))) {
       copy_error("BlockSparseAttention: a shape pointer is null", err, err_len);
       return ONNXPRUNE_BSA_INVALID_ARGUMENT;
     }
@@ -779,10 +813,17 @@ extern "C" ONNXPRUNE_CUDA_EXPORT int onnxprune_bsa_cuda_run(
       desc.key_padding_mask_shape.assign(key_padding_mask_shape, key_padding_mask_shape + 2);
       desc.key_padding_mask_type = key_padding_mask_type;
     }
+    if (layout_rule != nullptr) {
+      desc.has_layout_rule = true;
+      desc.layout_rule_shape.assign(layout_rule_shape, layout_rule_shape + layout_rule_rank);
+      desc.layout_rule_type = kElemInt64;
+      desc.layout_rule = layout_rule;
+    }
     desc.block_size = block_size;
     desc.has_scale = has_scale != 0;
     desc.scale = scale;
     desc.is_causal = is_causal;
+    desc.queries_at_end = queries_at_end;
     BsaParams p;
     std::string msg = bsa_validate(desc, &p);
     if (!msg.empty()) {

@@ -40,7 +40,9 @@ enum {
 // Shapes: q_shape[4] = [B, Hq, Sq, D], k_shape[4], v_shape[4], layout_shape[3]
 // (layout is uint8), attn_mask_shape[attn_mask_rank] (attn_mask may be null;
 // its type is 9 = bool or the value type), key_padding_mask_shape[2]
-// (may be null; type 9 = bool or 7 = int64). value_type: 1 float32,
+// (may be null; type 9 = bool or 7 = int64), layout_rule int64
+// layout_rule_shape[layout_rule_rank] (may be null; HOST memory, unlike the
+// other tensors: it is validated and passed by value). value_type: 1 float32,
 // 10 float16, 16 bfloat16 (ONNX element type codes). All tensors contiguous.
 // The work is queued on `stream` (cudaStream_t, null = default stream) and the
 // call returns without synchronising. On failure a message is copied into
@@ -50,8 +52,9 @@ ONNXPRUNE_CUDA_EXPORT int onnxprune_bsa_cuda_run(
     const int64_t* k_shape, const void* v, const int64_t* v_shape, const void* layout,
     const int64_t* layout_shape, const void* attn_mask, int32_t attn_mask_type,
     const int64_t* attn_mask_shape, int32_t attn_mask_rank, const void* key_padding_mask,
-    int32_t key_padding_mask_type, const int64_t* key_padding_mask_shape, void* y,
-    int64_t block_size, int32_t has_scale, float scale, int64_t is_causal, void* stream,
-    char* err, size_t err_len);
+    int32_t key_padding_mask_type, const int64_t* key_padding_mask_shape,
+    const int64_t* layout_rule, const int64_t* layout_rule_shape, int32_t layout_rule_rank, void* y,
+    int64_t block_size, int32_t has_scale, float scale, int64_t is_causal, int64_t queries_at_end,
+    void* stream, char* err, size_t err_len);
 
 }  // extern "C"

@@ -1,12 +1,11 @@
 // ONNX Runtime registration of the custom op onnxprune.BlockSparseAttention
-// (version 1), written against the raw C API (no exceptions cross the C
-// boundary: every failure becomes an OrtStatus).
+// (versions 1 and 2; one kernel serves both), written against the raw C API
+// (no exceptions cross the C boundary: every failure becomes an OrtStatus).
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
 #endif
 #include <onnxruntime_c_api.h>
 
-#include <climits>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -29,7 +28,15 @@ namespace {
 
 constexpr const char* kDomain = "onnxprune";
 constexpr const char* kOpName = "BlockSparseAttention";
-constexpr size_t kNumInputs = 6;
+constexpr size_t kNumInputs = 7;
+constexpr size_t kLayoutRuleInput = 6;
+// Op versions the kernel implements. A version-1 node passes neither layout_rule nor
+// queries_at_end, which gives it version 2's defaults (the same meaning, lengths beyond the
+// layout continuing densely). ORT (1.2x) builds one schema per custom op name, "since" the
+// start version, so it hands nodes of any version of the domain to this kernel: the end version
+// documents the contract more than it filters.
+constexpr int kStartVersion = 1;
+constexpr int kEndVersion = 2;
 
 const OrtApi* g_api = nullptr;
 
@@ -61,6 +68,7 @@ struct BsaKernel {
   bool has_scale = false;
   float scale = 0.0f;
   int64_t is_causal = 0;
+  int64_t queries_at_end = 0;
 };
 
 // Reads the type and shape of a tensor OrtValue.
@@ -101,12 +109,12 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   size_t n_in = 0;
   BSA_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &n_in), "GetInputCount");
 
-  const OrtValue* in[kNumInputs] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  const OrtValue* in[kNumInputs] = {};
   for (size_t i = 0; i < kNumInputs && i < n_in; ++i) {
     BSA_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]), "GetInput");
   }
   static const char* const names[kNumInputs] = {"Q", "K", "V", "layout", "attn_mask",
-                                                "key_padding_mask"};
+                                                "key_padding_mask", "layout_rule"};
   for (size_t i = 0; i < 4; ++i) {
     if (in[i] == nullptr) return invalid_arg(std::string("BlockSparseAttention: missing required input ") + names[i]);
   }
@@ -137,10 +145,23 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
         get_type_shape(in[5], &desc.key_padding_mask_type, &desc.key_padding_mask_shape),
         "reading key_padding_mask");
   }
+  if (in[kLayoutRuleInput] != nullptr) {
+    desc.has_layout_rule = true;
+    BSA_RETURN_IF_ERROR(get_type_shape(in[kLayoutRuleInput], &desc.layout_rule_type, &desc.layout_rule_shape),
+                        "reading layout_rule");
+    if (desc.layout_rule_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+      // Host memory on every execution provider (get_input_mem_type), so validation reads it.
+      void* rule = nullptr;
+      BSA_RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(in[kLayoutRuleInput]), &rule),
+                          "GetTensorMutableData(layout_rule)");
+      desc.layout_rule = static_cast<const int64_t*>(rule);
+    }
+  }
   desc.block_size = kernel.block_size;
   desc.has_scale = kernel.has_scale;
   desc.scale = kernel.scale;
   desc.is_causal = kernel.is_causal;
+  desc.queries_at_end = kernel.queries_at_end;
   desc.allow_half = kernel.cuda;
 
   onnxprune::BsaParams p;
@@ -153,8 +174,8 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
     *out = ptr;
     return st;
   };
-  const void* ptrs[kNumInputs] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  for (size_t i = 0; i < kNumInputs; ++i) {
+  const void* ptrs[kLayoutRuleInput] = {};  // (layout_rule: read above)
+  for (size_t i = 0; i < kLayoutRuleInput; ++i) {
     if (in[i] != nullptr) BSA_RETURN_IF_ERROR(data_of(in[i], &ptrs[i]), "GetTensorMutableData");
   }
   p.q = static_cast<const float*>(ptrs[0]);
@@ -236,6 +257,12 @@ OrtStatusPtr ORT_API_CALL create_kernel_v2(const OrtCustomOp* op, const OrtApi* 
   } else {
     api->ReleaseStatus(st);
   }
+  st = api->KernelInfoGetAttribute_int64(info, "queries_at_end", &iv);
+  if (st == nullptr) {
+    k->queries_at_end = iv;
+  } else {
+    api->ReleaseStatus(st);
+  }
   *kernel = k;
   return nullptr;
 }
@@ -279,11 +306,15 @@ OrtCustomOpInputOutputCharacteristic ORT_API_CALL get_input_char(const OrtCustom
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL get_output_char(const OrtCustomOp*, size_t) noexcept {
   return INPUT_OUTPUT_REQUIRED;
 }
-OrtMemType ORT_API_CALL get_input_mem_type(const OrtCustomOp*, size_t) noexcept { return OrtMemTypeDefault; }
+// The rule is a few integers per head that the host validates (and the CUDA launch passes by
+// value), so the CUDA op takes it in CPU memory too.
+OrtMemType ORT_API_CALL get_input_mem_type(const OrtCustomOp*, size_t index) noexcept {
+  return index == kLayoutRuleInput ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+}
 int ORT_API_CALL get_variadic_min_arity(const OrtCustomOp*) noexcept { return 1; }
 int ORT_API_CALL get_variadic_homogeneity(const OrtCustomOp*) noexcept { return 1; }
-int ORT_API_CALL get_start_version(const OrtCustomOp*) noexcept { return 1; }
-int ORT_API_CALL get_end_version(const OrtCustomOp*) noexcept { return INT_MAX; }
+int ORT_API_CALL get_start_version(const OrtCustomOp*) noexcept { return kStartVersion; }
+int ORT_API_CALL get_end_version(const OrtCustomOp*) noexcept { return kEndVersion; }
 size_t ORT_API_CALL get_no_pairs(int** a, int** b) noexcept {
   *a = nullptr;
   *b = nullptr;
