@@ -72,7 +72,7 @@ def bench(models: Sequence[str | os.PathLike | ModelInfo], seq_len: int = 256, b
     providers = check_providers(providers)
     models = [read_info(m) for m in models]
     flags = _library_flags(models, library)
-    sessions = [session(m.path, providers=providers, threads=threads, with_library=f) for m, f in zip(models, flags)]
+    sessions = [session(m, providers=providers, threads=threads, with_library=f) for m, f in zip(models, flags)]
     specs = [input_specs(m) for m in models]
     vocab = min(v for _, v in specs)
     feeds = [synthetic_feeds(s, vocab, batch, seq_len) for s, _ in specs]

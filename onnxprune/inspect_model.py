@@ -59,8 +59,8 @@ def _parameters_and_external(graph: ir.Graph, record: ModelInfo, base: Path) -> 
             entry = files.setdefault(location, {"location": location, "tensors": 0, "bytes": 0})
             entry["tensors"] += 1
             entry["bytes"] += size
-        if name.startswith(op_schema.LAYOUT_PREFIX):
-            continue  # a layout is the pruning's, not the model's weights: listed per site
+        if name.startswith((op_schema.LAYOUT_PREFIX, op_schema.LAYOUT_RULE_PREFIX)):
+            continue  # layouts and their rules are the pruning's, not the model's weights: listed per site
         entry = by_type[str(value.dtype)]
         entry["tensors"] += 1
         entry["count"] += count
@@ -134,6 +134,7 @@ def _pruned_site(node: ir.Node, layouts: Layouts | None) -> tuple[dict, np.ndarr
         "layout_density": float((layout != 0).mean()) if layout is not None else None,
         "density": recorded.density if recorded is not None else None,
         "retained_mass": recorded.retained_mass if recorded is not None else None,
+        "rule": recorded.rule.tolist() if recorded is not None and recorded.rule is not None else None,
         "attn_mask": _mask(attn_mask),
         "key_padding_mask": key_padding is not None,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxprune import op_schema
+from onnxprune.layout_rule import describe
 from onnxprune.layouts import METADATA_PREFIX
 from onnxprune.tables import human_bytes, human_count, table
 
@@ -12,6 +13,18 @@ _TOP_OPS = 12
 
 def _shape(shape) -> str:
     return "?" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _rule_text(rule: list | None) -> str:
+    """Heads grouped by what they compute beyond the explicit layout."""
+    if rule is None:
+        return "every block (no rule: layout version 1)"
+    groups: dict[str, list[int]] = {}
+    for head, row in enumerate(rule):
+        groups.setdefault(describe(row), []).append(head)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return " | ".join(f"head{'s' * (len(h) > 1)} {','.join(map(str, h))}: {text}" for text, h in groups.items())
 
 
 def _mask(mask) -> str:
@@ -81,6 +94,9 @@ def format_report(info: dict) -> str:
             rows.append(row)
         out.append(table(headers, rows))
         out.append("  density: kept share of the blocks that causal masking does not already exclude")
+        out.append("\nBeyond each explicit layout (longer inputs), per head:")
+        for s in pruned:
+            out.append(f"  {s['site']}: {_rule_text(s['rule'])}")
 
     pruning = info["pruning"]
     if pruning:

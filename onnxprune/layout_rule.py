@@ -16,9 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.errors import OnnxpruneError
-
-#: The rule's columns, in order (``layout_rule`` input of the op, ``[H or 1, 4]`` int64).
-RULE_COLUMNS = ("sink_blocks", "window_before", "window_after", "global_query_blocks")
+from onnxprune.op_schema import LAYOUT_RULE_COLUMNS as RULE_COLUMNS
 #: A window side of this value is unbounded.
 UNBOUNDED = -1
 
@@ -38,12 +36,22 @@ def validate_rule(rule: np.ndarray, heads: int) -> np.ndarray:
     return rule.astype(np.int64)
 
 
-def _largest(ok, upper: int) -> int:
-    """The largest n in [0, upper] with ok(n) true, ok being monotone (true up to some n)."""
-    n = 0
-    while n < upper and ok(n + 1):
-        n += 1
-    return n
+def _leading(flags: np.ndarray) -> int:
+    """How many of ``flags`` are true before the first false one."""
+    false = np.flatnonzero(~flags)
+    return int(false[0]) if false.size else int(flags.size)
+
+
+def _band(kept: np.ndarray, below: bool) -> int:
+    """Blocks of the band the layout keeps in full on one side of the diagonal: 0 for the diagonal
+    alone, ``UNBOUNDED`` when it keeps every block on that side."""
+    mq, mk = kept.shape
+    offsets = range(mq) if below else range(mk)
+    whole = np.array([np.diagonal(kept, -d if below else d).all() for d in offsets])
+    if not whole[0]:
+        return 0  # no diagonal: no band (the rule computes the diagonal all the same)
+    n = _leading(whole)
+    return UNBOUNDED if n == whole.size else n - 1
 
 
 def learn_rule(layout: np.ndarray, causal: bool) -> np.ndarray:
@@ -58,17 +66,11 @@ def learn_rule(layout: np.ndarray, causal: bool) -> np.ndarray:
         if kept.all():
             rows.append((0, UNBOUNDED, 0 if causal else UNBOUNDED, 0))
             continue
-        q, k = np.indices((mq, mk))
-        sinks = _largest(lambda n: kept[:, :n].all(), mk)
+        sinks = _leading(kept.all(axis=0))
         # Under causal masking a global row sees no more than the band does: none are learned.
-        globals_ = 0 if causal else _largest(lambda n: kept[:n, :].all(), mq)
-        # A band only counts if the diagonal itself is kept; the rule always computes it.
-        before = _largest(lambda n: kept[(k <= q) & (k >= q - n)].all(), mk) if kept[k == q].all() else 0
-        after = 0 if causal else (_largest(lambda n: kept[(k >= q) & (k <= q + n)].all(), mk) if kept[k == q].all() else 0)
-        if before >= mk - 1:
-            before = UNBOUNDED
-        if after >= mk - 1 and not causal:
-            after = UNBOUNDED
+        globals_ = 0 if causal else _leading(kept.all(axis=1))
+        before = _band(kept, below=True)
+        after = 0 if causal else _band(kept, below=False)
         rows.append((sinks, before, after, globals_))
     return np.asarray(rows, np.int64).reshape(heads, len(RULE_COLUMNS))
 
@@ -105,8 +107,11 @@ def describe(row) -> str:
     parts = []
     if sinks:
         parts.append(f"{sinks} sink block{'s' * (sinks != 1)}")
-    side = lambda n: "all" if n == UNBOUNDED else str(n)  # noqa: E731
-    parts.append(f"window {side(before)} before, {side(after)} after the diagonal")
+    if before == after == 0:
+        parts.append("the diagonal block")
+    else:
+        side = lambda n: "all" if n == UNBOUNDED else str(n)  # noqa: E731
+        parts.append(f"the diagonal and {side(before)} block(s) before, {side(after)} after it")
     if globals_:
         parts.append(f"{globals_} global query block{'s' * (globals_ != 1)}")
-    return "; ".join(parts)
+    return ", ".join(parts)

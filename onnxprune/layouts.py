@@ -22,14 +22,16 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune import op_schema
+from onnxprune import __version__, op_schema
 from onnxprune.errors import OnnxpruneError
+from onnxprune.layout_rule import learn_rule, validate_rule
 from onnxprune.op_schema import BLOCK_SIZES
 from onnxprune.stats import Stats
 
 SCOPES = ("layer", "head", "global")
-#: The layout format this code knows: 1, the explicit ``[Mq, Mk]`` region of each site.
-LAYOUT_VERSION = 1
+#: The newest layout format this code knows. 1: the explicit ``[Mq, Mk]`` region of each site
+#: (longer inputs compute every block beyond it); 2: plus a per-head ``rule`` that continues it.
+LAYOUT_VERSION = 2
 
 #: Prefix of every model metadata key onnxprune writes.
 METADATA_PREFIX = "onnxprune."
@@ -47,9 +49,8 @@ class SiteLayout:
     causal: bool = False
     density: float | None = None  # kept / counted blocks of the layout
     retained_mass: float | None = None  # calibration attention mass inside kept blocks / total mass
-    #: How each head continues beyond the explicit ``[Mq, Mk]`` region: int64 ``[H or 1, 4]``
-    #: (sink_blocks, window_before, window_after, global_query_blocks; -1 in a window = unbounded).
-    #: None: no rule (layout version 1). Not interpreted yet.
+    #: How each head continues beyond the explicit ``[Mq, Mk]`` region (``layout_rule``): int64
+    #: ``[H or 1, 4]``, see :mod:`onnxprune.layout_rule`. None: every block beyond it is computed.
     rule: np.ndarray | None = None
 
 
@@ -70,7 +71,7 @@ class Layouts:
     stats_sha256: str | None = None
     #: The onnxprune version that pruned the model.
     onnxprune_version: str | None = None
-    #: Layout format version (1: the explicit region only, no per-head ``rule``).
+    #: Layout format version (``LAYOUT_VERSION``; files without one are version 1).
     version: int = LAYOUT_VERSION
 
     def renamed(self, names: list[str]) -> Layouts:
@@ -85,7 +86,7 @@ class Layouts:
 
     def recorded(self) -> bool:
         """Whether anything beyond the layouts is known (a model pruned without metadata has none)."""
-        return any(v is not None for k, v in self.metadata().items() if k != "block_size")
+        return any(v is not None for k, v in self.metadata().items() if k not in ("block_size", "layout_version"))
 
     def metadata_props(self) -> dict[str, str]:
         """The model metadata that records these layouts (read back by :func:`read_layouts`)."""
@@ -112,6 +113,7 @@ _METADATA: dict[str, tuple[str, Callable, Callable]] = {
     "stats_sha256": ("stats_sha256", str, str),
     "calibration_samples": ("calibration_samples", str, int),
     "effective_sparsity": ("effective_sparsity", lambda v: f"{v:.6f}", float),
+    "version": ("layout_version", str, int),
 }
 
 
@@ -145,6 +147,10 @@ def read_layouts(model: ir.Model) -> Layouts:
         recorded = json.loads(props.get(SITES_KEY, "{}"))
     except json.JSONDecodeError:
         recorded = {}
+    version = fields.pop("version") or 1  # written from version 2 on
+    if version > LAYOUT_VERSION:
+        raise OnnxpruneError(f"layout version {version} is newer than this onnxprune ({__version__}) knows "
+                             f"(up to {LAYOUT_VERSION}); upgrade onnxprune")
     sites, block_sizes = {}, set()
     for node in nodes:
         site = node_site(node)
@@ -157,8 +163,16 @@ def read_layouts(model: ir.Model) -> Layouts:
         block_sizes.add(block_size.as_int())
         meta = recorded.get(site, {}) if isinstance(recorded, dict) else {}
         is_causal = node.attributes.get("is_causal")
+        layout = value.const_value.numpy().astype(np.uint8)
+        rule_value = node.inputs[6] if len(node.inputs) > 6 else None
+        rule = None
+        if rule_value is not None:
+            if rule_value.const_value is None:
+                raise OnnxpruneError(f"node {node.name!r}: its layout rule is not a constant initializer")
+            rule = validate_rule(rule_value.const_value.numpy(), layout.shape[0])
         sites[site] = SiteLayout(
-            layout=value.const_value.numpy().astype(np.uint8),
+            layout=layout,
+            rule=rule,
             causal=bool(meta.get("causal", is_causal is not None and is_causal.as_int())),
             density=meta.get("density"),
             retained_mass=meta.get("retained_mass"),
@@ -166,7 +180,7 @@ def read_layouts(model: ir.Model) -> Layouts:
     if len(block_sizes) != 1:
         raise OnnxpruneError(f"the attention nodes disagree on block_size ({sorted(block_sizes)})")
     fields["block_size"] = block_sizes.pop()
-    return Layouts(sites=sites, **fields)
+    return Layouts(sites=sites, version=version, **fields)
 
 
 def load_layouts(path_or_loaded) -> Layouts:
@@ -285,8 +299,11 @@ def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> L
         counted = eligible[site]
         kept = keep[site]
         total_mass = masses[site].sum()
+        layout = kept.astype(np.uint8)
         sites[site] = SiteLayout(
-            layout=kept.astype(np.uint8),
+            layout=layout,
+            # Element masks (block 1) are never run by the op: no continuation to learn.
+            rule=learn_rule(layout, site in causal_sites) if block_size > 1 else None,
             causal=site in causal_sites,
             density=float(kept.sum() / max(counted.sum(), 1)),
             retained_mass=float(masses[site][kept].sum() / total_mass) if total_mass > 0 else 1.0,

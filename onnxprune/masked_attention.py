@@ -12,36 +12,35 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
-
 from onnxprune.errors import OnnxpruneError
+from onnxprune.layout_rule import blocks_at
 from onnxprune.layouts import Layouts
 
 #: The name the attention function is registered under in transformers.
 ATTN_IMPLEMENTATION = "onnxprune_block_sparse"
 
 
-def _expanded_allowed(layout, block_size: int, sq: int, sk: int):
-    """Bool ``[H or 1, Sq, Sk]``: the positions the layout keeps."""
+def _expanded_allowed(site, block_size: int, sq: int, sk: int, offset: int, device):
+    """Bool ``[H or 1, Sq, Sk]``: the positions the site's layout keeps for queries at absolute
+    positions ``offset …`` (the explicit layout inside its region, its rule beyond)."""
     import torch
 
-    mq, mk = -(-sq // block_size), -(-sk // block_size)
-    if layout.shape[-2] < mq or layout.shape[-1] < mk:
-        raise OnnxpruneError(
-            f"sequence of {max(sq, sk)} tokens is longer than the layout covers "
-            f"({layout.shape[-1] * block_size} = {layout.shape[-1]} blocks of {block_size})"
-        )
-    blocks = layout[:, :mq, :mk]
+    first, last = offset // block_size, (offset + sq - 1) // block_size
+    blocks = blocks_at(site.layout, site.rule, last - first + 1, -(-sk // block_size), first)
+    allowed = torch.from_numpy(blocks).to(device)
     if block_size > 1:
-        blocks = blocks.repeat_interleave(block_size, dim=1).repeat_interleave(block_size, dim=2)
-    return blocks[:, :sq, :sk].to(torch.bool)
+        allowed = allowed.repeat_interleave(block_size, dim=1).repeat_interleave(block_size, dim=2)
+    start = offset - first * block_size
+    return allowed[:, start : start + sq, :sk]
 
 
 def block_sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function with the op's semantics.
 
-    Uses ``module.onnxprune_layout`` (a uint8 tensor ``[H or 1, Mq, Mk]``, or None for dense) and
-    ``module.onnxprune_block_size``; records its output when a recorder is active.
+    Uses ``module.onnxprune_site`` (a :class:`~onnxprune.layouts.SiteLayout`, or None for dense)
+    and ``module.onnxprune_block_size``; records its output when a recorder is active. Decoder
+    self-attention given fewer queries than keys (a KV cache) has its queries at the end, as the
+    op's ``queries_at_end``; otherwise queries start at position 0.
     """
     import torch
 
@@ -54,12 +53,15 @@ def block_sparse_attention_forward(module, query, key, value, attention_mask, sc
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    layout = getattr(module, "onnxprune_layout", None)
-    if layout is not None:
-        if layout.device != scores.device:
-            layout = module.onnxprune_layout = layout.to(scores.device)
-        allowed = _expanded_allowed(layout, module.onnxprune_block_size, scores.shape[-2], scores.shape[-1])
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    site = getattr(module, "onnxprune_site", None)
+    if site is not None:
+        sq, sk = scores.shape[-2], scores.shape[-1]
+        offset = sk - sq if getattr(module, "is_causal", False) and sq < sk else 0
+        key = (sq, sk, offset, scores.device)
+        cache = module.__dict__.setdefault("onnxprune_allowed", {})
+        if key not in cache:  # training repeats the same few lengths: expand each once
+            cache[key] = _expanded_allowed(site, module.onnxprune_block_size, sq, sk, offset, scores.device)
+        scores = scores.masked_fill(~cache[key], float("-inf"))
     # The op's rule for a row with nothing left: output 0 (softmax would give NaN).
     dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
@@ -111,15 +113,14 @@ def apply_layouts(model, layouts: Layouts | None) -> list:
     The sites' layouts go to the attention modules in execution order (the order ``layouts``
     lists them). Returns the attention modules.
     """
-    import torch
-
     modules = attention_modules(model)
     if layouts is not None and len(layouts.sites) != len(modules):
         raise OnnxpruneError(f"{len(layouts.sites)} layouts for a model with {len(modules)} attention layers")
     sites = [None] * len(modules) if layouts is None else list(layouts.sites.values())
     for module, site in zip(modules, sites):
-        module.onnxprune_layout = None if site is None else torch.as_tensor(np.asarray(site.layout), dtype=torch.uint8)
+        module.onnxprune_site = site
         module.onnxprune_block_size = None if layouts is None else layouts.block_size
+        module.onnxprune_allowed = {}
     return modules
 
 

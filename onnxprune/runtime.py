@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
 
 _LIBRARY_NAME = "libonnxprune_ops.so"
@@ -78,7 +79,7 @@ def session_options(threads: int | None = None, with_library: bool = True):
 
 
 def session(
-    path_or_bytes: str | os.PathLike | bytes,
+    path_or_bytes,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     with_library: bool = True,
@@ -86,10 +87,24 @@ def session(
 ):
     """An ``onnxruntime.InferenceSession`` with the library registered.
 
-    The pruned file also runs without the library (the op's function body): pass
-    ``with_library=False`` to get that dense-speed fallback.
+    ``path_or_bytes``: a path, the model's bytes, or the ``model_io.ModelInfo`` of a file already
+    read, which is also checked for an op version newer than this library runs (ONNX Runtime
+    would give such a node this library's kernel regardless). The pruned file also runs without
+    the library (the op's function body): pass ``with_library=False`` to get that dense-speed
+    fallback.
     """
     import onnxruntime as ort
+
+    from onnxprune.model_io import ModelInfo
+
+    if isinstance(path_or_bytes, ModelInfo):
+        version = path_or_bytes.opset(op_schema.DOMAIN)
+        if version is not None and version > op_schema.OPSET_VERSION:
+            raise OnnxpruneError(
+                f"{path_or_bytes.path}: uses {op_schema.DOMAIN} opset {version}; this onnxprune runs up to "
+                f"{op_schema.OPSET_VERSION}: upgrade onnxprune"
+            )
+        path_or_bytes = path_or_bytes.path
 
     if options is None:
         options = session_options(threads, with_library)

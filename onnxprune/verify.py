@@ -70,8 +70,8 @@ def verify(
     ``library_use``); without it a pruned model runs its op's function body.
     """
     a, b = read_info(a), read_info(b)
-    sess_a = session(a.path, providers=providers, threads=threads, with_library=library_use(a, library, "a"))
-    sess_b = session(b.path, providers=providers, threads=threads, with_library=library_use(b, library, "b"))
+    sess_a = session(a, providers=providers, threads=threads, with_library=library_use(a, library, "a"))
+    sess_b = session(b, providers=providers, threads=threads, with_library=library_use(b, library, "b"))
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
     if names_a != names_b:

@@ -60,11 +60,26 @@ def test_model_without_onnxprune_ops_needs_no_library(tmp_path, monkeypatch):
     assert timing.library is False and timing.runs == 2
 
 
+def _with_a_negative_rule(pruned, folder):
+    """The pruned model with one head's window set to -2: a rule the kernel must refuse."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(pruned))
+    tensor = next(t for t in model.graph.initializer if t.name.startswith("onnxprune.layout_rule."))
+    rule = numpy_helper.to_array(tensor).copy()
+    rule[0, 1] = -2
+    tensor.CopyFrom(numpy_helper.from_array(rule, tensor.name))
+    onnx.save(model, str(folder / "bad-rule.onnx"))
+    return folder / "bad-rule.onnx"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--providers", "NoSuchExecutionProvider"], "not available"),
-    (["--seq-len", "100"], "Sq=100"),  # the layouts cover 64 positions: the kernel refuses, naming sizes
+    (["--seq-len", "100"], "window_before=-2"),  # the kernel refuses the rule, naming head and value
 ])
-def test_errors_are_one_line(encoder, capsys, args, message):
-    assert main(["bench", str(encoder["pruned"]), "--repeat", "1", "--warmup", "0", "-q", *args]) == 2
+def test_errors_are_one_line(encoder, capsys, tmp_path, args, message):
+    pruned = _with_a_negative_rule(encoder["pruned"], tmp_path) if "window" in message else encoder["pruned"]
+    assert main(["bench", str(pruned), "--repeat", "1", "--warmup", "0", "-q", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]

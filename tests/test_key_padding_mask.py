@@ -87,7 +87,8 @@ def test_pruned_models_take_the_padding_mask(tiny_model, tmp_path, arch, form):
         path = tmp_path / f"p{p}.onnx"
         save_model(model, path)
         nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "BlockSparseAttention"]
-        assert nodes and all(list(n.input[4:]) == ["", "attention_mask"] for n in nodes)
+        assert nodes and all(list(n.input[4:6]) == ["", "attention_mask"] for n in nodes)
+        assert all(n.input[6].startswith("onnxprune.layout_rule.") for n in nodes)  # still there
         causal = {a.i for n in nodes for a in n.attribute if a.name == "is_causal"}
         assert causal == ({1} if arch == "gpt2" else {0})
         kernel, body = session(path), session(path, with_library=False)

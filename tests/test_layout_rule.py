@@ -61,7 +61,8 @@ def test_heads_learn_their_own_rules():
     diagonal = np.eye(m, dtype=np.uint8)
     rule = learn_rule(np.stack([streaming, diagonal, causal.astype(np.uint8)]), causal=True)
     assert rule.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [0, UNBOUNDED, 0, 0]]
-    assert describe(rule[0]) == "1 sink block; window 1 before, 0 after the diagonal"
+    assert describe(rule[0]) == "1 sink block, the diagonal and 1 block(s) before, 0 after it"
+    assert describe(rule[1]) == "the diagonal block"
 
 
 def test_a_layout_without_its_diagonal_gets_no_band():

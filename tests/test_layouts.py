@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.layout_rule import learn_rule
 from onnxprune.layouts import (
     Layouts, SiteLayout, effective_sparsity, learn_layouts, looks_causal, node_site, read_layouts,
 )
@@ -259,9 +260,16 @@ def _model_with(layouts: Layouts):
     from test_rules import to_ir
 
     model = to_ir(two_sites_model(None, None))
-    for node in model.graph:
+    for node in list(model.graph):
         node.attributes["block_size"] = ir.AttrInt64("block_size", layouts.block_size)
-        node.inputs[3].const_value = ir.tensor(layouts.sites[node_site(node)].layout)
+        site = layouts.sites[node_site(node)]
+        node.inputs[3].const_value = ir.tensor(site.layout)
+        if site.rule is not None:
+            rule = ir.Value(name=f"onnxprune.layout_rule.{node_site(node)}")
+            rule.const_value = ir.tensor(site.rule)
+            model.graph.register_initializer(rule)
+            node.resize_inputs(7)
+            node.replace_input_with(6, rule)
     model.metadata_props.update(layouts.metadata_props())
     return model
 
@@ -275,10 +283,39 @@ def test_read_layouts_gives_back_what_was_written():
         assert read.sites[name].causal == site.causal
         assert read.sites[name].density == pytest.approx(site.density, abs=1e-6)
         assert read.sites[name].retained_mass == pytest.approx(site.retained_mass, abs=1e-6)
-        assert read.sites[name].rule is None
+        np.testing.assert_array_equal(read.sites[name].rule, site.rule)
     assert read.metadata() == pytest.approx(learned.metadata(), abs=1e-6)
-    assert (read.version, read.scope, read.keep_diagonal, read.calibration_samples) == (1, "head", True, 1)
+    assert (read.version, read.scope, read.keep_diagonal, read.calibration_samples) == (2, "head", True, 1)
     assert read.recorded()
+
+
+def test_a_version_1_file_reads_as_version_1_without_rules():
+    v1 = _learned()
+    v1 = dataclasses.replace(v1, version=None, sites={n: dataclasses.replace(s, rule=None) for n, s in v1.sites.items()})
+    model = _model_with(v1)
+    assert "onnxprune.layout_version" not in model.metadata_props
+    read = read_layouts(model)
+    assert read.version == 1 and all(s.rule is None for s in read.sites.values())
+
+
+def test_a_newer_layout_version_is_refused():
+    model = _model_with(_learned())
+    model.metadata_props["onnxprune.layout_version"] = "3"
+    with pytest.raises(OnnxpruneError, match="layout version 3 is newer than this onnxprune"):
+        read_layouts(model)
+
+
+def test_a_rule_that_cannot_apply_is_refused():
+    learned = _learned()
+    learned.sites["site0"].rule = np.array([[0, -2, 0, 0]] * learned.sites["site0"].layout.shape[0])
+    with pytest.raises(OnnxpruneError, match="window_before = -2"):
+        read_layouts(_model_with(learned))
+
+
+def test_learned_layouts_carry_the_rule_that_continues_them():
+    learned = _learned()
+    for site in learned.sites.values():
+        np.testing.assert_array_equal(site.rule, learn_rule(site.layout, site.causal))
 
 
 def test_read_layouts_without_metadata_and_with_bad_values():

@@ -21,11 +21,13 @@ class _Module(torch.nn.Module):
     training = False
 
 
-def _run(q, k, v, layout, block_size, mask=None, scale=None):
+def _run(q, k, v, layout, block_size, mask=None, scale=None, rule=None, is_causal=False):
+    from onnxprune.layouts import SiteLayout
     from onnxprune.masked_attention import block_sparse_attention_forward
 
     module = _Module()
-    module.onnxprune_layout = torch.as_tensor(layout, dtype=torch.uint8)
+    module.is_causal = is_causal
+    module.onnxprune_site = SiteLayout(layout=layout, rule=rule)
     module.onnxprune_block_size = block_size
     out, _ = block_sparse_attention_forward(
         module, torch.as_tensor(q), torch.as_tensor(k), torch.as_tensor(v),
@@ -66,11 +68,32 @@ def test_matches_float64_reference(b, hq, hkv, sq, sk, d, block, shared, with_ma
         assert np.all(got[:, 0, (mq - 1) * block :] == 0)
 
 
-def test_sequence_longer_than_layout_is_an_error():
-    layout = np.ones((1, 2, 2), np.uint8)
-    x = np.zeros((1, 1, 40, 8), np.float32)
-    with pytest.raises(OnnxpruneError, match="longer than the layout"):
-        _run(x, x, x, layout, 16)
+@pytest.mark.parametrize("rule", [None, np.array([[1, 1, 0, 0], [0, 2, 0, 1]])])
+@pytest.mark.parametrize("block", [16, 32])
+def test_beyond_the_layout_the_rule_or_every_block(rule, block):
+    rng = np.random.default_rng(block)
+    b, h, s, d = 2, 2, 5 * block + 3, 8
+    q, k, v = (rng.standard_normal((b, h, s, d)).astype(np.float32) for _ in range(3))
+    layout = (rng.random((h, 2, 2)) < 0.6).astype(np.uint8)  # covers 2 blocks of 5 and a bit
+    got = _run(q, k, v, layout, block, scale=0.4, rule=rule)
+    expected = block_sparse_attention_ref(q, k, v, layout, block, scale=0.4, layout_rule=rule)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sq", [1, 5, 16, 23])
+def test_a_causal_module_with_fewer_queries_than_keys_has_them_at_the_end(sq):
+    """A KV cache: the op's queries_at_end, with bottom-right causal masking."""
+    rng = np.random.default_rng(sq)
+    b, h, sk, d, block = 1, 2, 70, 8, 16
+    q = rng.standard_normal((b, h, sq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, h, sk, d)).astype(np.float32) for _ in range(2))
+    layout = np.tril(rng.random((h, 3, 3)) < 0.7).astype(np.uint8)
+    rule = np.array([[1, 1, 0, 0], [0, 0, 0, 0]])
+    causal = np.where(np.arange(sk)[None, :] <= np.arange(sk - sq, sk)[:, None], 0.0, -np.inf).astype(np.float32)
+    got = _run(q, k, v, layout, block, mask=causal[None, None], scale=0.3, rule=rule, is_causal=True)
+    expected = block_sparse_attention_ref(q, k, v, layout, block, scale=0.3, is_causal=True, layout_rule=rule,
+                                          queries_at_end=True)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_load_layouts_rejects_a_dense_model(tiny_model):

@@ -17,7 +17,8 @@ def mask_use(nodes: list[ir.Node]) -> MaskUse:
     for node in nodes:
         attn_mask = node.inputs[4] if len(node.inputs) > 4 else None
         kind = None if attn_mask is None else "bool" if attn_mask.dtype == ir.DataType.BOOL else "float"
-        forms.add(MaskUse(attn_mask=kind, key_padding_mask=len(node.inputs) > 5 and node.inputs[5] is not None))
+        forms.add(MaskUse(attn_mask=kind, key_padding_mask=len(node.inputs) > 5 and node.inputs[5] is not None,
+                          layout_rule=len(node.inputs) > 6 and node.inputs[6] is not None))
     if len(forms) != 1:
         raise OnnxpruneError(f"the {op_schema.OP_TYPE} nodes pass their optional inputs in {len(forms)} different forms; "
                              "one function body serves one form")

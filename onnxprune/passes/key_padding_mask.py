@@ -49,7 +49,7 @@ class KeyPaddingMaskPass(ir.passes.InPlacePass):
         if kinds is None or any(kinds[m] is None for m in masks):
             return ir.passes.PassResult(model, False)
         for node, mask in zip(nodes, masks):
-            node.resize_inputs(6)
+            node.resize_inputs(max(len(node.inputs), 6))
             node.replace_input_with(4, None)
             node.replace_input_with(5, padding)
             if kinds[mask] == "padding+causal":

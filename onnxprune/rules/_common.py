@@ -166,8 +166,10 @@ def grouped_source(value: ir.Value) -> ir.Value:
 
 
 def emit_block_sparse_attention(op, site: SiteMatch, layouts: Layouts) -> ir.Value:
-    """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout."""
-    layout = np.ascontiguousarray(layouts.sites[site.name].layout, dtype=np.uint8)
+    """Build the replacement: one ``onnxprune.BlockSparseAttention`` carrying the site's layout
+    (and the rule that continues it beyond its explicit region, where the layouts have one)."""
+    entry = layouts.sites[site.name]
+    layout = np.ascontiguousarray(entry.layout, dtype=np.uint8)
     layout_value = op.initializer(ir.tensor(layout, name=op_schema.layout_name(site.name)))
     k = site.k
     if k is None:
@@ -190,11 +192,18 @@ def emit_block_sparse_attention(op, site: SiteMatch, layouts: Layouts) -> ir.Val
         for term in terms[1:]:
             mask = op.Add(mask, term)
         inputs.append(mask)
+    if entry.rule is not None:
+        inputs += [None] * (6 - len(inputs))  # attn_mask and key_padding_mask may be absent
+        inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(entry.rule, dtype=np.int64),
+                                               name=op_schema.layout_rule_name(site.name))))
     return op.BlockSparseAttention(
         *inputs,
         block_size=layouts.block_size,
         scale=float(site.scale),
         is_causal=int(site.is_causal),
+        # Queries start at position 0 in the graphs the rules match (no KV cache); explicit, as
+        # onnx.reference does not apply a function's attribute defaults.
+        queries_at_end=0,
         _domain=op_schema.DOMAIN,
     )
 
