@@ -361,7 +361,7 @@ def export(
     with tempfile.TemporaryDirectory(prefix=".onnxprune-export-", dir=Path(output).parent if directory else None) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         exporter, fallback_reason = _export_plan(plan, onnx_path, opset, log)
-        _name_axes(onnx_path, plan.axes)
+        _finish(onnx_path, plan.axes)
         checks = _check(plan, task, onnx_path)
         if directory:
             path = _write_directory(Path(output), Path(tmp), model_dir)
@@ -395,18 +395,57 @@ def _export_plan(plan: _Plan, path: Path, opset: int, log) -> tuple[str, str]:
     return exporter, fallback_reason
 
 
-def _name_axes(path: Path, axes: dict[str, dict[int, str]]) -> None:
-    """Give the graph's dynamic axes the plan's names (the dynamo exporter names outputs' axes by
-    its symbols, ``s0 + s1``), so that clients can read which axis is which."""
+def _finish(path: Path, axes: dict[str, dict[int, str]]) -> None:
+    """Name the graph's dynamic axes and let its rotary embeddings take any batch."""
     import onnx
 
     proto = onnx.load(str(path))
-    for value in [*proto.graph.input, *proto.graph.output]:
+    _name_axes(proto.graph, axes)
+    _expand_rotary_caches(proto.graph)
+    onnx.save(proto, str(path))
+
+
+def _name_axes(graph, axes: dict[str, dict[int, str]]) -> None:
+    """Give the graph's dynamic axes the plan's names (the dynamo exporter names outputs' axes by
+    its symbols, ``s0 + s1``), so that clients can read which axis is which."""
+    for value in [*graph.input, *graph.output]:
         dims = value.type.tensor_type.shape.dim
         for axis, name in axes.get(value.name, {}).items():
             if axis < len(dims) and not dims[axis].HasField("dim_value"):
                 dims[axis].dim_param = name
-    onnx.save(proto, str(path))
+
+
+def _expand_rotary_caches(graph) -> None:
+    """Expand the cos/sin caches of ONNX ``RotaryEmbedding`` (opset 23) nodes to the batch of their input.
+
+    Without ``position_ids`` the caches must be (batch, sequence, rotary / 2), but transformers
+    computes them from positions of batch 1 when the model is not given ``position_ids``: ORT
+    rejects such a node for any batch but 1.
+    """
+    from onnx import helper
+
+    nodes = []
+    for node in graph.node:
+        positions_given = len(node.input) > 3 and node.input[3]
+        if node.op_type == "RotaryEmbedding" and node.domain in ("", "ai.onnx") and not positions_given:
+            x, cos, sin = node.input[:3]
+            prefix = f"{node.name or node.output[0]}_batched"
+            nodes += [
+                helper.make_node("Shape", [x], [f"{prefix}_batch"], f"{prefix}_batch", start=0, end=1),
+                helper.make_node("Shape", [cos], [f"{prefix}_rest"], f"{prefix}_rest", start=1),
+                helper.make_node("Concat", [f"{prefix}_batch", f"{prefix}_rest"], [f"{prefix}_shape"],
+                                 f"{prefix}_shape", axis=0),
+                helper.make_node("Expand", [cos, f"{prefix}_shape"], [f"{prefix}_cos"], f"{prefix}_cos"),
+                helper.make_node("Expand", [sin, f"{prefix}_shape"], [f"{prefix}_sin"], f"{prefix}_sin"),
+            ]
+            node.input[1], node.input[2] = f"{prefix}_cos", f"{prefix}_sin"
+        nodes.append(node)
+    if len(nodes) > len(graph.node):
+        copies = [type(n)() for n in nodes]
+        for copy, original in zip(copies, nodes):
+            copy.CopyFrom(original)
+        del graph.node[:]
+        graph.node.extend(copies)
 
 
 def _write_directory(output: Path, tmp: Path, model_dir: Path) -> Path:
