@@ -66,6 +66,9 @@ def model_dir(cache: str | os.PathLike | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         convert(source, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)  # mkdtemp's 0700 would keep the shared cache from other users
         try:
             os.replace(tmp, target)  # an empty or half-made target is replaced; a whole one stays
         except OSError:

@@ -463,7 +463,14 @@ def _write_directory(output: Path, tmp: Path, model_dir: Path) -> Path:
     else:
         os.rename(tmp, output)
         tmp.mkdir()  # the TemporaryDirectory's cleanup expects it
+        output.chmod(0o777 & ~_umask())  # a temporary directory is made private (0700)
     return output / "model.onnx"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _quiet_export(*args, **kwargs) -> None:
