@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.errors import OnnxpruneError
-from onnxprune.model_io import atomic_path
 
 #: transformers' ``attn_implementation`` values a model directory is exported with.
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -353,12 +352,14 @@ def export(
     if task is not None:
         _check_task(task)
     directory = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
-    if directory and not Path(output).parent.exists():
-        raise OnnxpruneError(f"{Path(output).parent}: output directory does not exist")
+    parent = Path(output).parent  # of "out/" too: "."
+    if not parent.is_dir():  # before a minute of exporting
+        raise OnnxpruneError(f"{parent}: output directory does not exist")
     plan, task, model_dir = _plan(str(model), task, seq_len, attn)
     if directory and model_dir is None:
         raise OnnxpruneError(f"{model}: a model directory output needs a transformers model directory as input")
-    with tempfile.TemporaryDirectory(prefix=".onnxprune-export-", dir=Path(output).parent if directory else None) as tmp:
+    # Beside the output: the finished file or directory is renamed into place, not copied.
+    with tempfile.TemporaryDirectory(prefix=".onnxprune-export-", dir=parent) as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         exporter, fallback_reason = _export_plan(plan, onnx_path, opset, log)
         _finish(onnx_path, plan.axes)
@@ -367,8 +368,7 @@ def export(
             path = _write_directory(Path(output), Path(tmp), model_dir)
         else:
             path = Path(output)
-            with atomic_path(path) as target:
-                shutil.move(str(onnx_path), target)
+            os.replace(onnx_path, path)
     return ExportReport(str(path), exporter, opset if exporter == "dynamo" else min(opset, 17), plan.input_names,
                         max(checks.values()), fallback_reason, task, plan.output_names, checks,
                         str(output) if directory else "")

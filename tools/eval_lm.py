@@ -143,14 +143,15 @@ class Passkey:
     def prompt(self, key: str, depth: float, repeats: int) -> str:
         message = lm_text.passkey_message(key, depth, repeats)
         return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                                  add_generation_prompt=True) + lm_text.PASSKEY_ANSWER.rstrip()
+                                                  add_generation_prompt=True) + lm_text.PASSKEY_ANSWER
 
     def tokens(self, key: str, depth: float, repeats: int | None = None) -> tuple[list[int], int]:
         """The ids of prompt + answer + key, and where the key's tokens start."""
         repeats = self.repeats if repeats is None else repeats
         prefix = self.prompt(key, depth, repeats)
         head = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(prefix + " " + key, add_special_tokens=False)["input_ids"]
+        # the answer's trailing space is the prefix's: only the key's own tokens are scored
+        full = self.tokenizer(prefix + key, add_special_tokens=False)["input_ids"]
         if full[:len(head)] != head:
             raise OnnxpruneError("the tokenizer merges the key with the answer before it")
         return full, len(head)
