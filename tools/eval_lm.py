@@ -59,10 +59,16 @@ class LanguageModel:
 
         self.path, self.info = path, info
         self.session = session(path, threads=threads, with_library=info.uses_domain("onnxprune"))
-        if "logits" not in [o.name for o in self.session.get_outputs()]:
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "logits" not in outputs:
             raise OnnxpruneError(f"{path}: no `logits` output (export with --task text-generation)")
+        self.logits_index = outputs.index("logits")
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        from onnx import TensorProto
+
+        from onnxprune.runtime import run
+
         length = ids.shape[-1]
         feeds = {}
         for spec in self.info.inputs:
@@ -75,10 +81,10 @@ class LanguageModel:
             elif spec.name.startswith("past_key_values."):
                 # a KV-cache export: an empty cache makes the call a prefill
                 heads, head_dim = spec.shape[1], spec.shape[3]
-                feeds[spec.name] = np.zeros((1, heads, 0, head_dim), np.float16 if spec.elem_type == 10 else np.float32)
+                feeds[spec.name] = np.zeros((1, heads, 0, head_dim), np.float16 if spec.elem_type == TensorProto.FLOAT16 else np.float32)
             else:
                 raise OnnxpruneError(f"{self.path}: cannot feed input {spec.name!r}")
-        return self.session.run(["logits"], feeds)[0][0]
+        return run(self.session, feeds, self.path)[self.logits_index][0]
 
 
 def default_model() -> Path:
@@ -227,13 +233,14 @@ def run(args) -> list[dict]:
     rows = []
     for label, path in parse_models(args.models):
         info = read_info(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or tokenizer_dir(path)))
-        lm = None
+        lm = tokenizer = None  # loaded for the first row not measured yet
         for domain in args.domains:
             for length in args.lengths:
                 key = row_key(info, domain, length, args)
                 if key not in done:
-                    lm = lm or LanguageModel(path, info, args.threads)
+                    if lm is None:
+                        lm = LanguageModel(path, info, args.threads)
+                        tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or tokenizer_dir(path)))
                     log(f"{label}: {domain}, {length} tokens")
                     done[key] = evaluate(label, lm, tokenizer, domain, length, args)
                     if args.json:
