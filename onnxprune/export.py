@@ -156,22 +156,28 @@ def _with_past_wrapper(model, with_positions: bool):
 
 def _load(model_dir: Path, attn: str, causal_lm: bool):
     """The model of a transformers directory: its base model, or with ``causal_lm`` its LM."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    if not (model_dir / "config.json").is_file():
-        raise OnnxpruneError(f"{model_dir}: no config.json (not a transformers model directory)")
+    architectures = _architectures(model_dir)
+    if causal_lm and default_task(architectures) == "feature-extraction":
+        # An LM head loaded onto a base model would be random weights, silently.
+        raise OnnxpruneError(f"{model_dir}: a text-generation task needs a causal LM (*ForCausalLM "
+                             f"or *LMHeadModel); its config.json says {architectures or 'no architecture'}")
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-        architectures = list(getattr(config, "architectures", None) or [])
-        if causal_lm and default_task(architectures) == "feature-extraction":
-            # An LM head loaded onto a base model would be random weights, silently.
-            raise OnnxpruneError(f"{model_dir}: a text-generation task needs a causal LM (*ForCausalLM "
-                                 f"or *LMHeadModel); its config.json says {architectures or 'no architecture'}")
-        auto = AutoModelForCausalLM if causal_lm else AutoModel
         model = auto.from_pretrained(str(model_dir), attn_implementation=attn, local_files_only=True)
     except (OSError, ValueError) as e:
         raise OnnxpruneError(f"{model_dir}: cannot load the model ({e})".splitlines()[0]) from None
-    return model.eval(), architectures
+    return model.eval()
+
+
+def _architectures(model_dir: Path) -> list[str]:
+    if not (model_dir / "config.json").is_file():
+        raise OnnxpruneError(f"{model_dir}: no config.json (not a transformers model directory)")
+    try:
+        return list(json.loads((model_dir / "config.json").read_text()).get("architectures") or [])
+    except (ValueError, AttributeError) as e:
+        raise OnnxpruneError(f"{model_dir}/config.json: not a JSON object ({e})") from None
 
 
 def _example_ids(model, batch: int, seq_len: int, seed: int = 0):
@@ -272,51 +278,53 @@ def _plan(source: str, task: str | None, seq_len: int, attn: str) -> tuple[_Plan
     """The trace plan, the task (``task`` or the model's default) and the model directory (None for a factory)."""
     if ":" in source and not Path(source).exists():
         task = task or "feature-extraction"
-        if task == "text-generation-with-past":
-            raise OnnxpruneError(f"{source}: a module:function export has no KV cache; "
-                                 "use --task feature-extraction or text-generation")
-        module, input_names, example = _from_factory(source)
-        output = "logits" if task == "text-generation" else "last_hidden_state"
-        axes = {n: {0: BATCH, 1: SEQUENCE} for n in input_names}
-        return _Plan(module, example, input_names, [output], dict(axes), axes), task, None
+        return _factory_plan(source, task), task, None
     model_dir = Path(source)
-    import torch
-
-    if task is None:
-        if not (model_dir / "config.json").is_file():
-            raise OnnxpruneError(f"{model_dir}: no config.json (not a transformers model directory)")
-        task = default_task(json.loads((model_dir / "config.json").read_text()).get("architectures"))
-    model, _ = _load(model_dir, attn, causal_lm=task != "feature-extraction")
+    task = task or default_task(_architectures(model_dir))
+    model = _load(model_dir, attn, causal_lm=task != "feature-extraction")
     if task == "feature-extraction":
         names, example = _hidden_state_inputs(model, seq_len)
         axes = {n: {0: BATCH, 1: SEQUENCE} for n in names}
-        module = _hidden_state_wrapper(model, names)
-        return _Plan(module, example, names, ["last_hidden_state"], dict(axes), axes), task, model_dir
-    ids, mask = _example_ids(model, 2, seq_len), _padded_mask(2, seq_len)
-    axes = {"input_ids": {0: BATCH, 1: SEQUENCE}, "attention_mask": {0: BATCH, 1: SEQUENCE}}
-    if task == "text-generation":
-        axes["logits"] = {0: BATCH, 1: SEQUENCE}
-        plan = _Plan(_logits_wrapper(model), (ids, mask), ["input_ids", "attention_mask"], ["logits"],
-                     {n: axes[n] for n in ("input_ids", "attention_mask")}, axes)
-        return plan, task, model_dir
+        plan = _Plan(_hidden_state_wrapper(model, names), example, names, ["last_hidden_state"], dict(axes), axes)
+    elif task == "text-generation":
+        names = ["input_ids", "attention_mask"]
+        axes = {n: {0: BATCH, 1: SEQUENCE} for n in names}
+        example = (_example_ids(model, 2, seq_len), _padded_mask(2, seq_len))
+        plan = _Plan(_logits_wrapper(model), example, names, ["logits"], dict(axes), {**axes, "logits": axes["input_ids"]})
+    else:
+        plan = _with_past_plan(model, seq_len)
+    return plan, task, model_dir
+
+
+def _factory_plan(source: str, task: str) -> _Plan:
+    if task == "text-generation-with-past":
+        raise OnnxpruneError(f"{source}: a module:function export has no KV cache; "
+                             "use --task feature-extraction or text-generation")
+    module, names, example = _from_factory(source)
+    axes = {n: {0: BATCH, 1: SEQUENCE} for n in names}
+    return _Plan(module, example, names, ["logits" if task == "text-generation" else "last_hidden_state"],
+                 dict(axes), axes)
+
+
+def _with_past_plan(model, seq_len: int) -> _Plan:
+    import torch
+
     cache = _Cache.of(model.config)
     with_positions = "position_ids" in inspect.signature(model.forward).parameters
     # Traced with a past of a length unlike the other axes (torch.export gives equal sizes one symbol).
     past = seq_len // 2 + 1 if seq_len // 2 + 1 not in (2, seq_len) else seq_len + 3
     mask = torch.ones(2, past + seq_len, dtype=torch.int64)
     names = ["input_ids", "attention_mask"] + (["position_ids"] if with_positions else [])
-    example = [ids, mask] + ([positions(mask, seq_len)] if with_positions else [])
-    dynamic: dict = {"input_ids": {0: BATCH, 1: SEQUENCE}, "attention_mask": {0: BATCH, 1: TOTAL}}
-    if with_positions:
-        dynamic["position_ids"] = {0: BATCH, 1: SEQUENCE}
-    dynamic["past_key_values"] = [({0: BATCH, 2: PAST}, {0: BATCH, 2: PAST}) for _ in range(cache.layers)]
-    axes = {n: dynamic[n] for n in names}
+    example = [_example_ids(model, 2, seq_len), mask] + ([positions(mask, seq_len)] if with_positions else [])
+    dynamic: dict = {"input_ids": {0: BATCH, 1: SEQUENCE}, "attention_mask": {0: BATCH, 1: TOTAL},
+                     "position_ids": {0: BATCH, 1: SEQUENCE}}
+    dynamic = {n: dynamic[n] for n in names}
+    axes = {**dynamic, "logits": {0: BATCH, 1: SEQUENCE}}
     axes.update({n: {0: BATCH, 2: PAST} for n in cache.input_names()})
-    axes["logits"] = {0: BATCH, 1: SEQUENCE}
     axes.update({n: {0: BATCH, 2: TOTAL} for n in cache.output_names()})
-    plan = _Plan(_with_past_wrapper(model, with_positions), (*example, cache.example(2, past)),
+    dynamic["past_key_values"] = [({0: BATCH, 2: PAST}, {0: BATCH, 2: PAST}) for _ in range(cache.layers)]
+    return _Plan(_with_past_wrapper(model, with_positions), (*example, cache.example(2, past)),
                  names + cache.input_names(), ["logits", *cache.output_names()], dynamic, axes)
-    return plan, task, model_dir
 
 
 def positions(attention_mask, length: int):

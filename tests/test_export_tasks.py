@@ -227,8 +227,23 @@ def test_text_generation_needs_a_causal_lm(tmp_path):
         export(tmp_path / "base", tmp_path / "x.onnx", task="text-generation", **QUIET)
 
 
-def test_a_factory_has_no_kv_cache(tmp_path):
+def test_a_factory_has_no_kv_cache_nor_a_directory_output(tmp_path):
     with pytest.raises(OnnxpruneError, match="module:function export has no KV cache"):
         export("models.tiny:gpt2", tmp_path / "x.onnx", task="text-generation-with-past", **QUIET)
     with pytest.raises(OnnxpruneError, match="needs a transformers model directory"):
         export("models.tiny:gpt2", f"{tmp_path}/out/", **QUIET)
+
+
+@pytest.mark.slow
+def test_a_factory_exports_its_output_under_the_tasks_name(tmp_path):
+    report = export("models.tiny:gpt2", tmp_path / "x.onnx", task="text-generation", **QUIET)
+    assert graph_names(tmp_path / "x.onnx")[1] == report.output_names == ["logits"]
+
+
+def test_missing_output_folder_is_refused_before_exporting(lm_dir, tmp_path, monkeypatch):
+    import sys
+
+    # the module, not the function that onnxprune/__init__ exports under the same name
+    monkeypatch.setattr(sys.modules["onnxprune.export"], "_plan", lambda *a: pytest.fail("exported anyway"))
+    with pytest.raises(OnnxpruneError, match="output directory does not exist"):
+        export(lm_dir("gpt2"), tmp_path / "missing" / "x.onnx", **QUIET)
