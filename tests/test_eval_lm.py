@@ -48,6 +48,10 @@ def test_a_rerun_skips_the_rows_already_in_the_json(tmp_path, monkeypatch, capsy
     assert eval_lm.main(argv) == 0
     assert capsys.readouterr().out == first
 
+    monkeypatch.undo()
+    assert eval_lm.main([*argv[:-2], "--trials", "1"]) == 2  # the word-level tokenizer has no chat template
+    assert "chat template, which the tokenizer lacks" in capsys.readouterr().err
+
 
 def test_a_model_without_logits_is_one_clear_error(tmp_path, capsys):
     from onnxprune.export import export

@@ -139,6 +139,9 @@ class Passkey:
     """Passkey prompts of about ``length`` tokens in the tokenizer's chat template."""
 
     def __init__(self, tokenizer, length: int):
+        if not getattr(tokenizer, "chat_template", None):
+            raise OnnxpruneError("the passkey is asked through a chat template, which the tokenizer lacks "
+                                 "(--trials 0, or --tokenizer DIR with one)")
         self.tokenizer, self.length = tokenizer, length
         base, ten = (len(self.tokens("00000", 0.5, r)[0]) for r in (0, 10))
         per_repeat = max((ten - base) / 10, 1e-9)
