@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 
-from onnxprune.calibrate import calibrate
+from onnxprune.calibrate import ProbeSession, calibrate, probe_session
 from onnxprune.data import Dataset, tokenize, tokenizer_from_json
 from onnxprune.errors import OnnxpruneError
 from onnxprune.stats import Stats
@@ -48,27 +48,36 @@ def shard_dataset(spec: ShardSpec, items: list, tokenizer=None) -> Dataset:
     return Dataset(items, spec.input_names)
 
 
-def calibrate_shard(spec: ShardSpec, items: list, tokenizer=None) -> Stats:
-    return calibrate(spec.model, shard_dataset(spec, items, tokenizer), granularity=spec.granularity,
-                     max_length=spec.max_length, batch_size=spec.batch_size, threads=spec.threads,
-                     show_progress=False)
+def calibrate_shard(spec: ShardSpec, items: list, probe: ProbeSession, tokenizer=None) -> Stats:
+    return calibrate(probe, shard_dataset(spec, items, tokenizer), granularity=spec.granularity,
+                     max_length=spec.max_length, batch_size=spec.batch_size, show_progress=False)
 
 
 class ShardCalibrator:
-    """A Ray actor: calibrates the shards it is given and returns each one's statistics.
+    """A Ray actor: one ORT session of the model's probe, started once; calibrates the shards it
+    is given and returns each one's statistics.
 
     ``before_shard(index)`` runs first in every task (tests use it to hold a task while they
     kill its actor)."""
 
     def __init__(self, spec: ShardSpec, before_shard: Callable[[int], None] | None = None):
-        self.spec = spec
-        self.tokenizer = tokenizer_from_json(spec.tokenizer_json) if spec.tokenizer_json else None
-        self.before_shard = before_shard
+        self.spec, self.before_shard, self.tokenizer = spec, before_shard, None
+        # A user's error here (no such model on this node, no attention site) is raised by each
+        # task, where it reaches the driver as itself; raised here, it would kill the actor.
+        self.probe, self.error = None, None
+        try:
+            self.probe = probe_session(spec.model, spec.granularity, spec.threads)
+        except OnnxpruneError as e:
+            self.error = e
 
-    def run(self, index: int, items: list) -> Stats:
+    def run(self, index: int, items: list, tokenizer_json: str | None) -> Stats:
+        if self.error is not None:
+            raise self.error
         if self.before_shard is not None:
             self.before_shard(index)
-        return calibrate_shard(self.spec, items, self.tokenizer)
+        if self.tokenizer is None and tokenizer_json is not None:
+            self.tokenizer = tokenizer_from_json(tokenizer_json)
+        return calibrate_shard(self.spec, items, self.probe, self.tokenizer)
 
 
 def calibrate_sharded(
@@ -89,7 +98,9 @@ def calibrate_sharded(
     bar = _bar(total, show_progress)
     try:
         if workers is None:
-            results = ((len(s), calibrate_shard(spec, s)) for s in shards)
+            probe = probe_session(spec.model, spec.granularity, spec.threads)
+            tokenizer = tokenizer_from_json(spec.tokenizer_json) if spec.tokenizer_json else None
+            results = ((len(s), calibrate_shard(spec, s, probe, tokenizer)) for s in shards)
         else:
             results = _on_ray(spec, shards, workers, address, before_shard)
         stats = None
@@ -111,16 +122,20 @@ def _on_ray(spec: ShardSpec, shards: Iterable[list], workers: int, address: str 
         import ray
     except ImportError:
         raise OnnxpruneError(INSTALL_HINT) from None
+    tokenizer_json = spec.tokenizer_json
+    # Each actor has one CPU unless told otherwise; ORT's default (all cores) would oversubscribe.
+    # The tokenizer travels once through the object store, not in every actor's arguments (Ray
+    # keeps those for restarts) nor in every task.
+    spec = dataclasses.replace(spec, threads=spec.threads or 1, tokenizer_json=None)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+        ray.init(address=address, num_cpus=None if address else workers * spec.threads, include_dashboard=False,
                  configure_logging=False, log_to_driver=False)
     actors = []
-    # Each actor has one CPU unless told otherwise; ORT's default (all cores) would oversubscribe.
-    spec = dataclasses.replace(spec, threads=spec.threads or 1)
     try:
+        tokenizer = ray.put(tokenizer_json) if tokenizer_json is not None else None
         # max_restarts / max_task_retries: a dead actor comes back and its queued tasks rerun.
-        remote = ray.remote(num_cpus=spec.threads or 1, max_restarts=-1, max_task_retries=-1)(ShardCalibrator)
+        remote = ray.remote(num_cpus=spec.threads, max_restarts=-1, max_task_retries=-1)(ShardCalibrator)
         actors = [remote.remote(spec, before_shard) for _ in range(workers)]
         pending: dict = {}  # task → (actor, examples)
         queued = dict.fromkeys(range(workers), 0)
@@ -130,7 +145,7 @@ def _on_ray(spec: ShardSpec, shards: Iterable[list], workers: int, address: str 
             for slot in queued:
                 while queued[slot] < QUEUED_PER_ACTOR and (item := next(numbered, None)) is not None:
                     index, shard = item
-                    pending[actors[slot].run.remote(index, shard)] = (slot, len(shard))
+                    pending[actors[slot].run.remote(index, shard, tokenizer)] = (slot, len(shard))
                     queued[slot] += 1
 
         submit()

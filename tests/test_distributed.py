@@ -149,3 +149,12 @@ def test_ray_address_needs_workers(corpus, tmp_path, capsys):
     assert main(["calibrate", str(corpus["model"]), "--data", str(tmp_path / "x.txt"), "--ray-address", "auto",
                  "-o", str(tmp_path / "s.safetensors")]) == 2
     assert "--ray-address needs --workers" in capsys.readouterr().err
+
+
+def test_a_model_workers_refuse_is_one_line(ray_local, tmp_path, capsys):
+    model = cli_models.save(cli_models.mlp(), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "inputs.npz", X=np.zeros((4, cli_models.HIDDEN), np.float32))
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "inputs.npz"), "--workers", "1",
+                 "-o", str(tmp_path / "s.safetensors"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no attention site found" in err

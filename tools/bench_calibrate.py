@@ -1,0 +1,131 @@
+"""Calibration throughput: the plain single-process path against sharded calibration, in process
+and on a local Ray instance with 1 and 2 workers, interleaved in one run (docs/DISTRIBUTED.md).
+
+    .venv/bin/python tools/bench_calibrate.py                       # MiniLM, stdlib docstrings
+    .venv/bin/python tools/bench_calibrate.py --limit 4000 --rounds 5 --workers 1 2 4
+
+Modes, each with one ORT intra-op thread per process (so that workers, not threads, scale):
+  plain   tokenise everything, one calibrate() call (one session): today's path without shards;
+  shards  calibrate_sharded() without Ray: shards one after another in this process;
+  ray-N   calibrate_sharded() on N Ray actors (a local Ray instance of max(--workers) CPUs,
+          started once; its start-up is reported on its own).
+Rounds interleave the modes (plain, shards, ray-1, ray-2, plain, ...), so that a load that comes
+and goes on a shared machine hits every mode alike; the table gives the median, tokens per second,
+and each mode's time relative to plain. Every mode's statistics are checked against plain's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from onnxprune.calibrate import calibrate  # noqa: E402
+from onnxprune.data import Dataset, chunked, load_tokenizer, read_texts, tokenize  # noqa: E402
+from onnxprune.distributed import ShardSpec, calibrate_sharded  # noqa: E402
+from onnxprune.model_io import read_info  # noqa: E402
+
+
+def prepare(out: Path) -> tuple[Path, Path, Path]:
+    """all-MiniLM-L6-v2 exported to ONNX, its tokenizer, and stdlib docstrings as JSON Lines."""
+    from onnxprune.demo import default_model_dir
+    from onnxprune.stdlib_text import CALIBRATION_MODULES, EVALUATION_MODULES, docstrings
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = default_model_dir()
+    model = out / "minilm.onnx"
+    if not model.exists():
+        from onnxprune.export import export
+
+        export(str(model_dir), model, log=lambda m: None)
+    data = out / "docstrings.jsonl"
+    if not data.exists():
+        lines = docstrings(CALIBRATION_MODULES + EVALUATION_MODULES)
+        data.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    return model, model_dir / "tokenizer.json", data
+
+
+def max_relative_difference(a, b) -> float:
+    assert a.sites == b.sites and a.num_samples == b.num_samples and np.array_equal(a.lengths, b.lengths)
+    worst = 0.0
+    for site in a.sites:
+        assert np.array_equal(a.counts[site], b.counts[site])
+        scale = np.maximum(np.abs(a.sums[site]), 1e-300)
+        worst = max(worst, float(np.max(np.abs(a.sums[site] - b.sums[site]) / scale)))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_calibrate"))
+    parser.add_argument("--limit", type=int, default=1500, help="texts read (default 1500)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the measurements here")
+    args = parser.parse_args()
+
+    import ray
+
+    model, tokenizer, data = prepare(args.out)
+    texts = list(read_texts(data, limit=args.limit))
+    info = read_info(model)
+    spec = ShardSpec(str(model), tuple(info.input_names), tokenizer.read_text(), 16, args.max_length,
+                     args.batch_size, threads=1)
+
+    def plain():
+        examples = tokenize(texts, load_tokenizer(tokenizer), args.max_length)
+        return calibrate(str(model), Dataset(examples, info.input_names), granularity=16, max_length=args.max_length,
+                         batch_size=args.batch_size, threads=1, show_progress=False)
+
+    def sharded(workers):
+        return lambda: calibrate_sharded(spec, chunked(texts, args.shard_size), workers=workers, show_progress=False)
+
+    modes = {"plain": plain, "shards": sharded(None)} | {f"ray-{w}": sharded(w) for w in args.workers}
+    start = time.perf_counter()
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray_start = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    results = {}
+    try:
+        for _ in range(args.rounds):
+            for name, run in modes.items():
+                start = time.perf_counter()
+                results[name] = run()
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+
+    tokens = results["plain"].tokens
+    median = {m: statistics.median(s) for m, s in seconds.items()}
+    print(f"{len(texts)} texts → {results['plain'].num_samples} inputs, {tokens} tokens; max length "
+          f"{args.max_length}, batch {args.batch_size}, shards of {args.shard_size} texts; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Ray start-up {ray_start:.1f} s")
+    print(f"{'mode':8} {'median s':>9} {'runs s':>22} {'tokens/s':>9} {'vs plain':>9} {'max rel diff':>13}")
+    for name in modes:
+        runs = " ".join(f"{s:.1f}" for s in seconds[name])
+        diff = max_relative_difference(results[name], results["plain"])
+        print(f"{name:8} {median[name]:9.2f} {runs:>22} {tokens / median[name]:9.0f} "
+              f"{median[name] / median['plain']:9.2f} {diff:13.1e}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "texts": len(texts), "inputs": results["plain"].num_samples, "tokens": tokens,
+            "max_length": args.max_length, "batch_size": args.batch_size, "shard_size": args.shard_size,
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
+            "ray_start_s": ray_start, "seconds": seconds,
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
