@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from onnxprune.calibrate import ProbeSession, calibrate, probe_session
 from onnxprune.data import Dataset, tokenize, tokenizer_from_json
 from onnxprune.errors import OnnxpruneError
+from onnxprune.model_io import LoadedModel
 from onnxprune.stats import Stats
 
 #: Examples (texts before chunking, or .npz rows) per shard: large enough that a shard's model
@@ -88,17 +89,19 @@ def calibrate_sharded(
     total: int | None = None,
     show_progress: bool = True,
     before_shard: Callable[[int], None] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> Stats:
     """The statistics of all ``shards`` (lists of texts or of example dicts).
 
     ``workers``: Ray actors to run them on (None: one after another in this process). With no
     ``address`` and no Ray running, a local Ray instance with ``workers`` CPUs starts and stops
-    here. ``total``: examples expected, for the progress bar.
+    here. ``total``: examples expected, for the progress bar. ``loaded``: ``spec.model`` already
+    read, for a run in this process (it changes the model's graph, as ``calibrate`` does).
     """
     bar = _bar(total, show_progress)
     try:
         if workers is None:
-            probe = probe_session(spec.model, spec.granularity, spec.threads)
+            probe = probe_session(loaded or spec.model, spec.granularity, spec.threads)
             tokenizer = tokenizer_from_json(spec.tokenizer_json) if spec.tokenizer_json else None
             results = ((len(s), calibrate_shard(spec, s, probe, tokenizer)) for s in shards)
         else:
@@ -129,10 +132,18 @@ def _on_ray(spec: ShardSpec, shards: Iterable[list], workers: int, address: str 
     spec = dataclasses.replace(spec, threads=spec.threads or 1, tokenizer_json=None)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=None if address else workers * spec.threads, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
+        try:
+            ray.init(address=address, num_cpus=None if address else workers * spec.threads,
+                     include_dashboard=False, configure_logging=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise OnnxpruneError(f"--ray-address {address}: {e}") from None
     actors = []
     try:
+        # An actor that cannot be placed never starts, and the shards queued on it would wait forever.
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if workers * spec.threads > cpus:
+            raise OnnxpruneError(f"--workers {workers} × --threads {spec.threads} needs {workers * spec.threads} "
+                                 f"CPUs; the Ray cluster has {cpus:g}")
         tokenizer = ray.put(tokenizer_json) if tokenizer_json is not None else None
         # max_restarts / max_task_retries: a dead actor comes back and its queued tasks rerun.
         remote = ray.remote(num_cpus=spec.threads, max_restarts=-1, max_task_retries=-1)(ShardCalibrator)

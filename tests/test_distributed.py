@@ -158,3 +158,9 @@ def test_a_model_workers_refuse_is_one_line(ray_local, tmp_path, capsys):
                  "-o", str(tmp_path / "s.safetensors"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no attention site found" in err
+
+
+
+def test_more_workers_than_cpus_is_refused(corpus, ray_local):
+    with pytest.raises(OnnxpruneError, match=r"--workers 3 × --threads 1 needs 3 CPUs; the Ray cluster has 2"):
+        calibrate_sharded(corpus["spec"], chunked(corpus["texts"], 5), workers=3, show_progress=False)

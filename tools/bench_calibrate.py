@@ -18,7 +18,8 @@ Modes, each with one ORT intra-op thread per process (so that workers, not threa
           started once; its start-up is reported on its own).
 Rounds interleave the modes (plain, shards, ray-1, ray-2, plain, ...), so that a load that comes
 and goes on a shared machine hits every mode alike; the table gives the median, tokens per second,
-and each mode's time relative to plain. Every mode's statistics are checked against plain's.
+and each mode's time relative to plain, and the CPU seconds all processes spent (load-independent:
+the per-token cost, and Ray's overhead in CPU). Every mode's statistics are checked against plain's.
 """
 
 from __future__ import annotations
@@ -88,6 +89,47 @@ def token_examples(input_names, count: int, length: int, vocab: int = 49152) -> 
     return [{n: fill.get(n, lambda: rng.integers(0, vocab, length))() for n in input_names} for _ in range(count)]
 
 
+class CpuMeter:
+    """CPU seconds of this process and all its descendants (Ray's daemons and workers, which a
+    local ray.init starts under it) over a ``with`` block: a sampling thread keeps each process's
+    last CPU time, so that processes which end inside the block (killed actors) still count.
+    Unlike wall time it does not grow when other users' processes take the cores."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+
+    def _sample(self, into: dict) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                into[(proc.pid, proc.create_time())] = times.user + times.system
+            except psutil.Error:
+                pass
+
+    def __enter__(self):
+        import threading
+
+        self.first, self.last, self.stop = {}, {}, threading.Event()
+        self._sample(self.first)
+
+        def run():
+            while not self.stop.wait(self.interval):
+                self._sample(self.last)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample(self.last)
+        self.seconds = sum(t - self.first.get(key, 0.0) for key, t in self.last.items())
+
+
 def max_relative_difference(a, b) -> float:
     assert a.sites == b.sites and a.num_samples == b.num_samples and np.array_equal(a.lengths, b.lengths)
     worst = 0.0
@@ -137,13 +179,16 @@ def main() -> None:
     ray.init(num_cpus=max(args.workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_start = time.perf_counter() - start
     seconds: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     results = {}
     try:
         for _ in range(args.rounds):
             for name, run in modes.items():
                 start = time.perf_counter()
-                results[name] = run()
+                with CpuMeter() as meter:
+                    results[name] = run()
                 seconds[name].append(time.perf_counter() - start)
+                cpu[name].append(meter.seconds)
     finally:
         ray.shutdown()
 
@@ -152,18 +197,22 @@ def main() -> None:
     print(f"{args.model}: {len(texts)} examples → {results['plain'].num_samples} inputs, {tokens} tokens; max length "
           f"{args.max_length}, batch {args.batch_size}, shards of {args.shard_size} texts; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Ray start-up {ray_start:.1f} s")
-    print(f"{'mode':8} {'median s':>9} {'runs s':>22} {'tokens/s':>9} {'vs plain':>9} {'max rel diff':>13}")
+    cpu_median = {m: statistics.median(s) for m, s in cpu.items()}
+    print("wall: seconds per run (median, then each round); cpu: CPU seconds of all processes (median)")
+    print(f"{'mode':8} {'wall s':>7} {'rounds':>26} {'tokens/s':>9} {'vs plain':>9} {'cpu s':>7} {'cpu µs/token':>13} "
+          f"{'cpu vs plain':>13} {'max rel diff':>13}")
     for name in modes:
         runs = " ".join(f"{s:.1f}" for s in seconds[name])
         diff = max_relative_difference(results[name], results["plain"])
-        print(f"{name:8} {median[name]:9.2f} {runs:>22} {tokens / median[name]:9.0f} "
-              f"{median[name] / median['plain']:9.2f} {diff:13.1e}")
+        print(f"{name:8} {median[name]:7.2f} {runs:>26} {tokens / median[name]:9.0f} "
+              f"{median[name] / median['plain']:9.2f} {cpu_median[name]:7.2f} {1e6 * cpu_median[name] / tokens:13.1f} "
+              f"{cpu_median[name] / cpu_median['plain']:13.2f} {diff:13.1e}")
     if args.json:
         args.json.write_text(json.dumps({
             "model": args.model, "examples": len(texts), "inputs": results["plain"].num_samples, "tokens": tokens,
             "max_length": args.max_length, "batch_size": args.batch_size, "shard_size": args.shard_size,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
-            "ray_start_s": ray_start, "seconds": seconds,
+            "ray_start_s": ray_start, "seconds": seconds, "cpu_seconds": cpu,
         }, indent=2))
 
 

@@ -7,7 +7,7 @@ import argparse
 from onnxprune.commands.arguments import add_data_arguments, positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
 from onnxprune.distributed import SHARD_EXAMPLES, ShardSpec, calibrate_sharded
-from onnxprune.model_io import read_info
+from onnxprune.model_io import load_model, read_info
 
 EXAMPLES = """\
   onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
@@ -43,7 +43,9 @@ def run(args: argparse.Namespace, log: Log) -> int:
 
     if args.ray_address and not args.workers:
         raise OnnxpruneError("--ray-address needs --workers N (how many actors to run)")
-    info = read_info(args.model)
+    # In this process the model is read once; workers read it themselves.
+    loaded = None if args.workers else load_model(args.model)
+    info = loaded.info if loaded else read_info(args.model)
     tokenizer_json = None
     if is_text_source(args.data):
         check_text_inputs(args.data, info.input_names, args.tokenizer)
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace, log: Log) -> int:
     spec = ShardSpec(str(args.model), tuple(info.input_names), tokenizer_json, args.granularity, args.max_length,
                      args.batch_size, args.threads)
     stats = calibrate_sharded(spec, chunked(examples, args.shard_size), workers=args.workers,
-                              address=args.ray_address, total=args.limit, show_progress=not args.quiet)
+                              address=args.ray_address, total=args.limit, show_progress=not args.quiet,
+                              loaded=loaded)
     stats.save(args.output)
     print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_samples} inputs, granularity {stats.granularity}")
     return ExitStatus.SUCCESS
