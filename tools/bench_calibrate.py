@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", help="only these besides plain (e.g. ray-2; default all)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args()
 
@@ -175,6 +176,7 @@ def main() -> None:
         return lambda: calibrate_sharded(spec, chunked(texts, args.shard_size), workers=workers, show_progress=False)
 
     modes = {"plain": plain, "shards": sharded(None)} | {f"ray-{w}": sharded(w) for w in args.workers}
+    modes = {name: run for name, run in modes.items() if name == "plain" or name in (args.modes or modes)}
     start = time.perf_counter()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_start = time.perf_counter() - start

@@ -6,7 +6,10 @@ import argparse
 
 from onnxprune.commands.arguments import add_data_arguments, positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
+from onnxprune.data import (check_text_inputs, chunked, is_text_source, npz_examples, read_texts, shuffled,
+                            tokenizer_file, tokenizer_from_json)
 from onnxprune.distributed import SHARD_EXAMPLES, ShardSpec, calibrate_sharded
+from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import load_model, read_info
 
 EXAMPLES = """\
@@ -37,29 +40,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, log: Log) -> int:
-    from onnxprune.data import (chunked, check_text_inputs, is_text_source, npz_examples, read_texts, shuffled,
-                                tokenizer_file)
-    from onnxprune.errors import OnnxpruneError
-
     if args.ray_address and not args.workers:
         raise OnnxpruneError("--ray-address needs --workers N (how many actors to run)")
     # In this process the model is read once; workers read it themselves.
     loaded = None if args.workers else load_model(args.model)
     info = loaded.info if loaded else read_info(args.model)
-    tokenizer_json = None
+    tokenizer_json, total = None, args.limit
     if is_text_source(args.data):
         check_text_inputs(args.data, info.input_names, args.tokenizer)
-        tokenizer_json = tokenizer_file(args.tokenizer).read_text(encoding="utf-8")
+        file = tokenizer_file(args.tokenizer)
+        tokenizer_json = file.read_text(encoding="utf-8")
+        tokenizer_from_json(tokenizer_json, str(file))  # an unreadable one is refused here, not by each worker
         examples = read_texts(args.data, args.text_field, args.limit, args.shuffle_seed)
     else:
         examples = npz_examples(args.data, info.input_names)
         if args.shuffle_seed is not None:
             examples = shuffled(examples, args.shuffle_seed)
         examples = list(examples)[: args.limit]
+        total = len(examples)
     spec = ShardSpec(str(args.model), tuple(info.input_names), tokenizer_json, args.granularity, args.max_length,
                      args.batch_size, args.threads)
     stats = calibrate_sharded(spec, chunked(examples, args.shard_size), workers=args.workers,
-                              address=args.ray_address, total=args.limit, show_progress=not args.quiet,
+                              address=args.ray_address, total=total, show_progress=not args.quiet,
                               loaded=loaded)
     stats.save(args.output)
     print(f"wrote {args.output}: {len(stats.sites)} sites, {stats.num_samples} inputs, granularity {stats.granularity}")
