@@ -108,7 +108,7 @@ def calibrate_sharded(
             results = _on_ray(spec, shards, workers, address, before_shard)
         stats = None
         for count, partial in results:
-            stats = partial if stats is None else stats.merge(partial)
+            stats = partial if stats is None else stats.add(partial)
             bar.update(count)
     finally:
         bar.close()

@@ -57,6 +57,39 @@ class Stats:
         """The statistics of both runs' data. Those of different maximum lengths (or, for axes
         that do not follow the input, of different extents seen) merge exactly: the smaller is
         padded with zero sums and counts. Different models, granularities or sites refuse."""
+        self._check_mergeable(other)
+        max_length = max(self.max_length, other.max_length)
+        sums, counts = {}, {}
+        for site in self.sites:
+            shape = np.maximum(self.sums[site].shape, other.sums[site].shape)
+            sums[site] = _padded(self.sums[site], shape) + _padded(other.sums[site], shape)
+            counts[site] = _padded(self.counts[site], shape[1:]) + _padded(other.counts[site], shape[1:])
+        return dataclasses.replace(
+            self,
+            max_length=max_length,
+            sums=sums,
+            counts=counts,
+            lengths=_padded(self.lengths, (max_length + 1,)) + _padded(other.lengths, (max_length + 1,)),
+            num_samples=self.num_samples + other.num_samples,
+        )
+
+    def add(self, other: Stats) -> Stats:
+        """``merge``, adding into this object's own arrays when no padding is needed (a driver
+        adding up shards of a long-context model: no new arrays of hundreds of MB per shard).
+        Returns the sum: ``self``, or a new object when padding was needed."""
+        self._check_mergeable(other)
+        if self.max_length != other.max_length or any(
+            self.sums[s].shape != other.sums[s].shape for s in self.sites
+        ):
+            return self.merge(other)
+        for site in self.sites:
+            self.sums[site] = _add_into(self.sums[site], other.sums[site])
+            self.counts[site] = _add_into(self.counts[site], other.counts[site])
+        self.lengths = _add_into(self.lengths, other.lengths)
+        self.num_samples += other.num_samples
+        return self
+
+    def _check_mergeable(self, other: Stats) -> None:
         if self.granularity != other.granularity:
             raise OnnxpruneError(
                 f"cannot merge statistics of granularity {self.granularity} with granularity {other.granularity}"
@@ -77,20 +110,6 @@ class Stats:
                     f"cannot merge statistics of site {site}: {self.sums[site].shape[0]} and "
                     f"{other.sums[site].shape[0]} heads"
                 )
-        max_length = max(self.max_length, other.max_length)
-        sums, counts = {}, {}
-        for site in self.sites:
-            shape = np.maximum(self.sums[site].shape, other.sums[site].shape)
-            sums[site] = _padded(self.sums[site], shape) + _padded(other.sums[site], shape)
-            counts[site] = _padded(self.counts[site], shape[1:]) + _padded(other.counts[site], shape[1:])
-        return dataclasses.replace(
-            self,
-            max_length=max_length,
-            sums=sums,
-            counts=counts,
-            lengths=_padded(self.lengths, (max_length + 1,)) + _padded(other.lengths, (max_length + 1,)),
-            num_samples=self.num_samples + other.num_samples,
-        )
 
     @property
     def tokens(self) -> int:
@@ -168,6 +187,15 @@ def merge_all(stats: Iterable[Stats]) -> Stats:
         raise OnnxpruneError("no statistics to merge") from None
     for other in iterator:
         total = total.merge(other)
+    return total
+
+
+def _add_into(total: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``total + other``, in ``total``'s memory unless it is read-only (an array Ray handed over
+    from its object store)."""
+    if not total.flags.writeable:
+        return total + other
+    total += other
     return total
 
 

@@ -242,3 +242,29 @@ def test_rectangular_round_trip(tmp_path):
     loaded = Stats.load(tmp_path / "s.safetensors")
     np.testing.assert_array_equal(loaded.sums["cross"], stats.sums["cross"])
     assert loaded.mean("cross").shape == (2, 2, 4)
+
+
+def test_add_is_merge_in_place():
+    rng = np.random.default_rng(1)
+    parts = []
+    for _ in range(3):
+        part = Stats.empty({"s": 2, "t": 1}, 16, 64, "a" * 64)
+        for site in part.sites:
+            part.sums[site][...] = rng.random(part.sums[site].shape)
+            part.counts[site][...] = rng.integers(0, 9, part.counts[site].shape)
+        part.lengths[rng.integers(0, 65, 4)] += 1
+        part.num_samples = int(part.lengths.sum())
+        parts.append(part)
+    expected = parts[0].merge(parts[1]).merge(parts[2])
+    for site in parts[0].sites:  # arrays Ray hands over from its object store are read-only
+        parts[0].sums[site].flags.writeable = False
+    total = parts[0].add(parts[1])
+    assert total is parts[0]
+    sums = total.sums["s"]
+    assert total.add(parts[2]) is total and total.sums["s"] is sums  # added in place
+    assert_same_stats(total, expected)
+    longer = Stats.empty({"s": 2, "t": 1}, 16, 128, "a" * 64)
+    padded = total.add(longer)
+    assert padded is not total and padded.max_length == 128
+    with pytest.raises(OnnxpruneError, match="different models"):
+        total.add(Stats.empty({"s": 2, "t": 1}, 16, 64, "b" * 64))

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from onnxprune.calibrate import calibrate  # noqa: E402
+from onnxprune.calibrate import calibrate, probe_session  # noqa: E402
 from onnxprune.data import Dataset, chunked, load_tokenizer, read_texts, tokenize  # noqa: E402
 from onnxprune.distributed import ShardSpec, calibrate_sharded  # noqa: E402
 from onnxprune.model_io import read_info  # noqa: E402
@@ -177,6 +177,10 @@ def main() -> None:
 
     modes = {"plain": plain, "shards": sharded(None)} | {f"ray-{w}": sharded(w) for w in args.workers}
     modes = {name: run for name, run in modes.items() if name == "plain" or name in (args.modes or modes)}
+    # A session's start (model read, probe built, ORT session), which every process pays once.
+    start, cpu_start = time.perf_counter(), time.process_time()
+    probe_session(str(model), 16, threads=1)
+    session_s, session_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_start = time.perf_counter() - start
@@ -200,6 +204,9 @@ def main() -> None:
           f"{args.max_length}, batch {args.batch_size}, shards of {args.shard_size} texts; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; Ray start-up {ray_start:.1f} s")
     cpu_median = {m: statistics.median(s) for m, s in cpu.items()}
+    compute_cpu = cpu_median["plain"] - session_cpu_s
+    print(f"session start: {session_s:.1f} s wall, {session_cpu_s:.1f} s CPU; plain without it: "
+          f"{1e6 * compute_cpu / tokens:.0f} CPU µs per token")
     print("wall: seconds per run (median, then each round); cpu: CPU seconds of all processes (median)")
     print(f"{'mode':8} {'wall s':>7} {'rounds':>26} {'tokens/s':>9} {'vs plain':>9} {'cpu s':>7} {'cpu µs/token':>13} "
           f"{'cpu vs plain':>13} {'max rel diff':>13}")
@@ -214,7 +221,7 @@ def main() -> None:
             "model": args.model, "examples": len(texts), "inputs": results["plain"].num_samples, "tokens": tokens,
             "max_length": args.max_length, "batch_size": args.batch_size, "shard_size": args.shard_size,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
-            "ray_start_s": ray_start, "seconds": seconds, "cpu_seconds": cpu,
+            "ray_start_s": ray_start, "session_s": session_s, "session_cpu_s": session_cpu_s, "seconds": seconds, "cpu_seconds": cpu,
         }, indent=2))
 
 
