@@ -81,12 +81,9 @@ def test_show(parts, capsys):
 
 
 def test_calibrate_from_parquet_with_limit_and_shuffle(tmp_path):
-    pytest.importorskip("pyarrow")
-    from test_data import write_parquet
-
     model = text_models.text_encoder(tmp_path / "model.onnx")
     tokenizer = text_models.tokenizer(tmp_path)
-    data = write_parquet(tmp_path / "data.parquet", text_models.sentences(30, seed=4, longest=20))
+    data = text_models.write_parquet(tmp_path / "data.parquet", text_models.sentences(30, seed=4, longest=20))
     common = ["calibrate", str(model), "--data", str(data), "--tokenizer", str(tokenizer), "--max-length", "32",
               "--limit", "12", "-q"]
     assert main([*common, "-o", str(tmp_path / "a.safetensors")]) == 0

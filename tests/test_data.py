@@ -9,43 +9,15 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from onnxprune.data import (chunked, iter_texts, load_dataset, load_tokenizer, read_texts, shuffled, tokenize)
+from onnxprune.data import chunked, iter_texts, load_dataset, load_tokenizer, read_texts, shuffled, tokenize
 from onnxprune.errors import OnnxpruneError
+from text_models import sentences, tokenizer, write_parquet, write_saved_dataset
 
 TEXTS = [f"text number {i} " + "word " * (i % 7) for i in range(50)]
 
 
 def expected(texts=TEXTS):
     return [t.strip() for t in texts]
-
-
-def write_parquet(path, texts, field="text", row_group_size=8):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
-    table = pa.table({"id": list(range(len(texts))), field: texts})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return path
-
-
-def write_saved_dataset(folder, texts, field="text", files=2):
-    """The layout ``datasets.Dataset.save_to_disk`` writes: Arrow IPC stream files
-    ``data-XXXXX-of-YYYYY.arrow`` listed in ``state.json``, beside ``dataset_info.json``."""
-    pa = pytest.importorskip("pyarrow")
-    folder.mkdir()
-    names = [f"data-{i:05d}-of-{files:05d}.arrow" for i in range(files)]
-    for i, name in enumerate(names):
-        part = pa.table({field: texts[i * len(texts) // files:(i + 1) * len(texts) // files]})
-        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
-            for batch in part.to_batches(max_chunksize=7):
-                writer.write_batch(batch)
-    (folder / "state.json").write_text(json.dumps({
-        "_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef",
-        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-        "_split": None,
-    }))
-    (folder / "dataset_info.json").write_text(json.dumps({"features": {field: {"dtype": "string", "_type": "Value"}}}))
-    return folder
 
 
 def test_text_file(tmp_path):
@@ -140,8 +112,6 @@ def test_shuffle_smaller_than_buffer():
 
 
 def test_limit_counts_texts_before_chunking(tmp_path):
-    from text_models import sentences, tokenizer
-
     texts = sentences(20, seed=2, longest=150)
     path = tmp_path / "data.txt"
     path.write_text("\n".join(texts))
@@ -154,8 +124,6 @@ def test_limit_counts_texts_before_chunking(tmp_path):
 
 
 def test_load_dataset_reads_every_format(tmp_path):
-    from text_models import sentences, tokenizer
-
     texts = sentences(10, seed=3)
     tok = tokenizer(tmp_path)
     path = write_parquet(tmp_path / "data.parquet", texts)
