@@ -1,5 +1,6 @@
 """Sharded calibration: the data cut into shards, each calibrated by the ordinary ``calibrate``
-on a Ray actor (or one after another in this process), the shards' statistics added up here.
+on a Ray actor that keeps one ORT session (or one after another in this process), the shards'
+statistics added up here.
 
 Statistics are sums and counts, so the total does not depend on how the data is cut or in which
 order the shards finish (sums up to floating-point addition order). Every task returns its own
@@ -18,8 +19,8 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import LoadedModel
 from onnxprune.stats import Stats
 
-#: Examples (texts before chunking, or .npz rows) per shard: large enough that a shard's model
-#: load and session start are small against its inference, small enough to balance N workers.
+#: Examples (texts before chunking, or .npz rows) per shard: large enough that sorting by length
+#: within a shard pads little and the driver adds few statistics, small enough to balance N workers.
 SHARD_EXAMPLES = 256
 
 #: Shards queued per actor: one running, one waiting, so an actor never idles on the driver.
