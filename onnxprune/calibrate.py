@@ -8,6 +8,7 @@ No PyTorch is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -162,8 +163,26 @@ def _group_counts(valid: np.ndarray, granularity: int) -> np.ndarray:
     return padded.reshape(b, m, granularity).sum(axis=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeSession:
+    """A model's probe (``probe_model``) in an ORT session, for several ``calibrate`` calls: a
+    worker calibrating shard after shard loads the model and starts the session once."""
+
+    session: object  # onnxruntime.InferenceSession
+    sites: list[SiteMatch]
+    model_sha256: str
+    granularity: int
+
+
+def probe_session(model: str | os.PathLike | LoadedModel, granularity: int = 16,
+                  threads: int | None = None) -> ProbeSession:
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    probe, sites = probe_model(loaded, granularity)
+    return ProbeSession(_probe_session(probe, loaded.info, threads), sites, loaded.info.sha256, granularity)
+
+
 def calibrate(
-    model: str | os.PathLike | LoadedModel,
+    model: str | os.PathLike | LoadedModel | ProbeSession,
     dataset: Dataset,
     granularity: int = 16,
     max_length: int = 256,
@@ -174,14 +193,15 @@ def calibrate(
     """Average attention statistics of every site of ``model`` over ``dataset``.
 
     ``model``: a path, or the ``load_model`` of one (a caller that read the file for its input
-    names), whose graph calibration changes.
+    names), whose graph calibration changes, or a ``probe_session`` (then ``threads`` is its own).
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    probe, sites = probe_model(loaded, granularity)
-    sess = _probe_session(probe, loaded.info, threads)
+    if not isinstance(model, ProbeSession):
+        model = probe_session(model, granularity, threads)
+    elif model.granularity != granularity:
+        raise OnnxpruneError(f"the probe session pools {model.granularity} positions, not granularity {granularity}")
+    sess, sites, sha = model.session, model.sites, model.model_sha256
     names = [o.name for o in sess.get_outputs()]
     stats: Stats | None = None
-    sha = loaded.info.sha256
     batches = dataset.batches(batch_size)
     extents: dict[str, list] = {}  # site → [queries follow the input, keys do, query cells, key cells]
     total = -(-len(dataset) // batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -53,26 +54,83 @@ class Stats:
         return np.divide(self.sums[site], count, out=np.zeros_like(self.sums[site]), where=count > 0)
 
     def merge(self, other: Stats) -> Stats:
-        if (self.granularity, self.max_length) != (other.granularity, other.max_length):
-            raise OnnxpruneError(
-                f"cannot merge statistics of granularity/max length {self.granularity}/{self.max_length} "
-                f"with {other.granularity}/{other.max_length}"
-            )
-        if self.model_sha256 != other.model_sha256 or self.sites != other.sites:
-            raise OnnxpruneError("cannot merge statistics computed for different models")
+        """The statistics of both runs' data. Those of different maximum lengths (or, for axes
+        that do not follow the input, of different extents seen) merge exactly: the smaller is
+        padded with zero sums and counts. Different models, granularities or sites refuse."""
+        self._check_mergeable(other)
+        max_length = max(self.max_length, other.max_length)
+        sums, counts = {}, {}
         for site in self.sites:
-            if self.sums[site].shape != other.sums[site].shape:
-                raise OnnxpruneError(
-                    f"cannot merge statistics of site {site}: shapes {self.sums[site].shape} and "
-                    f"{other.sums[site].shape} (calibration saw other lengths for its non-input axes)"
-                )
+            shape = np.maximum(self.sums[site].shape, other.sums[site].shape)
+            sums[site] = _padded(self.sums[site], shape) + _padded(other.sums[site], shape)
+            counts[site] = _padded(self.counts[site], shape[1:]) + _padded(other.counts[site], shape[1:])
         return dataclasses.replace(
             self,
-            sums={s: self.sums[s] + other.sums[s] for s in self.sites},
-            counts={s: self.counts[s] + other.counts[s] for s in self.sites},
-            lengths=self.lengths + other.lengths,
+            max_length=max_length,
+            sums=sums,
+            counts=counts,
+            lengths=_padded(self.lengths, (max_length + 1,)) + _padded(other.lengths, (max_length + 1,)),
             num_samples=self.num_samples + other.num_samples,
         )
+
+    def add(self, other: Stats) -> Stats:
+        """``merge``, adding into this object's own arrays when no padding is needed (a driver
+        adding up shards of a long-context model: no new arrays of hundreds of MB per shard).
+        Returns the sum: ``self``, or a new object when padding was needed."""
+        self._check_mergeable(other)
+        if self.max_length != other.max_length or any(
+            self.sums[s].shape != other.sums[s].shape for s in self.sites
+        ):
+            return self.merge(other)
+        for site in self.sites:
+            self.sums[site] = _add_into(self.sums[site], other.sums[site])
+            self.counts[site] = _add_into(self.counts[site], other.counts[site])
+        self.lengths = _add_into(self.lengths, other.lengths)
+        self.num_samples += other.num_samples
+        return self
+
+    def _check_mergeable(self, other: Stats) -> None:
+        if self.granularity != other.granularity:
+            raise OnnxpruneError(
+                f"cannot merge statistics of granularity {self.granularity} with granularity {other.granularity}"
+            )
+        if self.model_sha256 != other.model_sha256:
+            raise OnnxpruneError(
+                f"cannot merge statistics computed for different models (sha256 {self.model_sha256[:12]}… "
+                f"and {other.model_sha256[:12]}…)"
+            )
+        if self.sites != other.sites:
+            raise OnnxpruneError(
+                f"cannot merge statistics computed for different models: their attention sites differ "
+                f"({len(self.sites)} and {len(other.sites)} sites, {_first_difference(self.sites, other.sites)})"
+            )
+        for site in self.sites:
+            if self.sums[site].shape[0] != other.sums[site].shape[0]:
+                raise OnnxpruneError(
+                    f"cannot merge statistics of site {site}: {self.sums[site].shape[0]} and "
+                    f"{other.sums[site].shape[0]} heads"
+                )
+
+    @property
+    def tokens(self) -> int:
+        """Valid positions seen (the length histogram's total)."""
+        return int(np.dot(self.lengths, np.arange(len(self.lengths))))
+
+    def summary(self) -> dict:
+        """What the statistics hold, for people and JSON (``onnxprune stats show``)."""
+        seen = np.nonzero(self.lengths)[0]
+        return {
+            "model_sha256": self.model_sha256,
+            "granularity": self.granularity,
+            "max_length": self.max_length,
+            "num_samples": self.num_samples,
+            "tokens": self.tokens,
+            "lengths": {"min": int(seen[0]), "max": int(seen[-1]),
+                        "mean": self.tokens / self.num_samples} if len(seen) else None,
+            "sites": [{"name": s, "heads": int(self.sums[s].shape[0]), "cells": list(self.counts[s].shape),
+                       "pairs": float(self.counts[s].sum())} for s in self.sites],
+            "bytes": int(sum(self.sums[s].nbytes + self.counts[s].nbytes for s in self.sites) + self.lengths.nbytes),
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.numpy import save_file
@@ -118,3 +176,38 @@ class Stats:
                 )
         except (SafetensorError, KeyError, ValueError, OSError) as e:
             raise OnnxpruneError(f"{path}: not a readable statistics file ({e})") from None
+
+
+def merge_all(stats: Iterable[Stats]) -> Stats:
+    """The sum of several statistics (``Stats.merge`` in turn)."""
+    iterator = iter(stats)
+    try:
+        total = next(iterator)
+    except StopIteration:
+        raise OnnxpruneError("no statistics to merge") from None
+    for other in iterator:
+        total = total.merge(other)
+    return total
+
+
+def _add_into(total: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``total + other``, in ``total``'s memory unless it is read-only (an array Ray handed over
+    from its object store)."""
+    if not total.flags.writeable:
+        return total + other
+    total += other
+    return total
+
+
+def _padded(array: np.ndarray, shape) -> np.ndarray:
+    """``array`` with zeros after its end on every axis, to ``shape``."""
+    if tuple(array.shape) == tuple(shape):
+        return array
+    return np.pad(array, [(0, int(n) - d) for n, d in zip(shape, array.shape)])
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"site {i}: {x!r} and {y!r}"
+    return f"one has {abs(len(a) - len(b))} more"

@@ -9,7 +9,7 @@ from conftest import random_token_examples
 from onnxprune.calibrate import calibrate
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
-from onnxprune.stats import Stats
+from onnxprune.stats import Stats, merge_all
 
 INPUTS = ["input_ids", "attention_mask"]
 MAX_LENGTH = 64
@@ -165,12 +165,34 @@ def test_merge_different_sites_raises():
         a.merge(b)
 
 
-@pytest.mark.parametrize("other", [(32, 64), (16, 128)])
-def test_merge_different_granularity_or_length_raises(other):
+def test_merge_different_granularity_raises():
     a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
-    b = Stats.empty({"s": 2}, other[0], other[1], "a" * 64)
-    with pytest.raises(OnnxpruneError, match="cannot merge"):
+    b = Stats.empty({"s": 2}, 32, 64, "a" * 64)
+    with pytest.raises(OnnxpruneError, match="cannot merge statistics of granularity 16 with granularity 32"):
         a.merge(b)
+
+
+def test_merge_different_heads_raises():
+    a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
+    b = Stats.empty({"s": 3}, 16, 64, "a" * 64)
+    with pytest.raises(OnnxpruneError, match="cannot merge statistics of site s: 2 and 3 heads"):
+        a.merge(b)
+
+
+def test_halves_of_other_max_lengths_merge_to_the_whole(tiny_model):
+    """The shorter statistics are padded with zero counts, so the merge is exact: calibrating
+    short inputs at max length 32 and the rest at 64 adds up to all of them at 64."""
+    pytest.importorskip("torch")
+    path = tiny_model("bert", "dynamo-eager-20")
+    short = random_token_examples(6, seed=5, low=5, high=32)
+    long = random_token_examples(6, seed=6, low=33, high=60)
+    first = calibrate(path, Dataset(short, INPUTS), granularity=16, max_length=32, show_progress=False)
+    second = run_calibration(path, long)
+    whole = run_calibration(path, short + long)
+    assert first.max_length == 32 and first.cells == 2
+    for merged in (first.merge(second), second.merge(first)):
+        assert merged.max_length == 64 and len(merged.lengths) == 65
+        assert_same_stats(merged, whole)
 
 
 def test_mean_is_zero_where_unseen():
@@ -183,14 +205,33 @@ def test_mean_is_zero_where_unseen():
     assert np.all(np.isfinite(mean))
 
 
-def test_merge_rectangular_sites_of_other_extents_raises():
-    """A cross-attention site's statistics span the decoder lengths calibration saw."""
+def test_merge_pads_rectangular_sites_of_other_extents():
+    """A cross-attention site's statistics span the decoder lengths calibration saw: a merge pads
+    the shorter with zero sums and counts."""
     a = Stats.empty({"s": 2}, 16, 64, "a" * 64)
     b = Stats.empty({"s": 2}, 16, 64, "a" * 64)
-    a.sums["s"], a.counts["s"] = a.sums["s"][:, :2], a.counts["s"][:2]
-    b.sums["s"], b.counts["s"] = b.sums["s"][:, :3], b.counts["s"][:3]
-    with pytest.raises(OnnxpruneError, match="cannot merge statistics of site s"):
-        a.merge(b)
+    a.sums["s"], a.counts["s"] = np.ones((2, 2, 4)), np.ones((2, 4))
+    b.sums["s"], b.counts["s"] = np.full((2, 3, 4), 2.0), np.full((3, 4), 2.0)
+    merged = a.merge(b)
+    np.testing.assert_array_equal(merged.counts["s"], [[3] * 4, [3] * 4, [2] * 4])
+    np.testing.assert_array_equal(merged.sums["s"][:, 2], np.full((2, 4), 2.0))
+    np.testing.assert_array_equal(merged.mean("s"), np.ones((2, 3, 4)))
+
+
+def test_merge_all_and_summary():
+    parts = []
+    for length in (10, 20, 40):
+        part = Stats.empty({"s": 2}, 16, length, "a" * 64)
+        part.lengths[length] = 1
+        part.num_samples = 1
+        parts.append(part)
+    total = merge_all(parts)
+    assert total.max_length == 40 and total.num_samples == 3 and total.tokens == 70
+    summary = total.summary()
+    assert summary["lengths"] == {"min": 10, "max": 40, "mean": 70 / 3}
+    assert summary["sites"] == [{"name": "s", "heads": 2, "cells": [3, 3], "pairs": 0.0}]
+    with pytest.raises(OnnxpruneError, match="no statistics to merge"):
+        merge_all([])
 
 
 def test_rectangular_round_trip(tmp_path):
@@ -201,3 +242,29 @@ def test_rectangular_round_trip(tmp_path):
     loaded = Stats.load(tmp_path / "s.safetensors")
     np.testing.assert_array_equal(loaded.sums["cross"], stats.sums["cross"])
     assert loaded.mean("cross").shape == (2, 2, 4)
+
+
+def test_add_is_merge_in_place():
+    rng = np.random.default_rng(1)
+    parts = []
+    for _ in range(3):
+        part = Stats.empty({"s": 2, "t": 1}, 16, 64, "a" * 64)
+        for site in part.sites:
+            part.sums[site][...] = rng.random(part.sums[site].shape)
+            part.counts[site][...] = rng.integers(0, 9, part.counts[site].shape)
+        part.lengths[rng.integers(0, 65, 4)] += 1
+        part.num_samples = int(part.lengths.sum())
+        parts.append(part)
+    expected = parts[0].merge(parts[1]).merge(parts[2])
+    for site in parts[0].sites:  # arrays Ray hands over from its object store are read-only
+        parts[0].sums[site].flags.writeable = False
+    total = parts[0].add(parts[1])
+    assert total is parts[0]
+    sums = total.sums["s"]
+    assert total.add(parts[2]) is total and total.sums["s"] is sums  # added in place
+    assert_same_stats(total, expected)
+    longer = Stats.empty({"s": 2, "t": 1}, 16, 128, "a" * 64)
+    padded = total.add(longer)
+    assert padded is not total and padded.max_length == 128
+    with pytest.raises(OnnxpruneError, match="different models"):
+        total.add(Stats.empty({"s": 2, "t": 1}, 16, 64, "b" * 64))

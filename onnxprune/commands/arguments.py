@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnxprune.data import SHUFFLE_BUFFER
 from onnxprune.runtime import LIBRARY_CHOICES
 
 
@@ -51,24 +52,36 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
-def add_data_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """Model inputs from a file; read them with ``load_inputs``."""
-    help_text = "text file (one example per line) or .npz of model inputs"
+def add_data_arguments(p: argparse.ArgumentParser, required: bool = True, streaming: bool = False) -> None:
+    """Model inputs from a file; read them with ``load_inputs``. ``streaming``: the verb reads
+    text as a stream (``--limit`` counts texts before chunking; ``--shuffle-seed``)."""
+    help_text = ("text: a text file (one example per line), .jsonl, .parquet, or a datasets save_to_disk folder; "
+                 "or an .npz of model inputs")
     if not required:
         help_text += "; without it, random inputs of --seq-len (--limit of them, default 8)"
     p.add_argument("--data", required=required, help=help_text)
-    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (for a text file)")
+    p.add_argument("--text-field", default="text", help="the text's field or column in .jsonl, .parquet or a "
+                                                        "datasets folder (default text)")
+    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (for text)")
     p.add_argument("--max-length", type=positive, default=256, help="tokens per input (default 256)")
     p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive, default=8,
                    help="inputs per run (default 8)")
-    p.add_argument("--limit", type=positive, help="use at most this many inputs")
+    if streaming:
+        p.add_argument("--limit", type=positive,
+                       help="read at most this many examples (texts before long ones are chunked, or .npz rows)")
+        p.add_argument("--shuffle-seed", type=int, metavar="S",
+                       help=f"read in a random order: a streaming shuffle through a buffer of {SHUFFLE_BUFFER:,} "
+                            "examples, seeded with S")
+    else:
+        p.add_argument("--limit", type=positive, help="use at most this many inputs")
 
 
 def load_inputs(args: argparse.Namespace, info):
     """The ``Dataset`` that ``add_data_arguments``' options name, for the model ``info`` describes."""
     from onnxprune.data import load_dataset
 
-    return load_dataset(args.data, info.input_names, args.tokenizer, args.max_length, limit=args.limit)
+    return load_dataset(args.data, info.input_names, args.tokenizer, args.max_length, limit=args.limit,
+                        text_field=args.text_field)
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, first: str, second: str) -> None:
