@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's onnxprune, not an installed one
 DEFAULT_FOLDER = ROOT / "out" / "bench_calibration"
 
 SMOLLM2_SHAPES = dict(

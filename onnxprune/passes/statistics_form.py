@@ -60,7 +60,7 @@ class StatisticsFormPass(ir.passes.InPlacePass):
             old = node.outputs[0]
             ir.convenience.replace_all_uses_with(old, y)
             graph.remove(node, safe=True)
-            y.name, y.dtype, y.shape = old.name, old.dtype, old.shape
+            y.name, y.type, y.shape = old.name, old.type, old.shape
             pooled.name, pooled.dtype = pooled_name(self.prefix, index), ir.DataType.DOUBLE
             count = queries.outputs[0]
             count.name, count.dtype = queries_name(self.prefix, index), ir.DataType.INT64
