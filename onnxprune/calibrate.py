@@ -215,15 +215,16 @@ class _Runner:
         self.granularity = granularity
         self.sites = _discover(loaded)
         try:
-            model = _statistics_form(loaded, granularity, self.sites)
+            # The library is needed here only: without it (or where the rewrite does not take a
+            # site) calibration still runs, as it did before the statistics form.
+            self.sess = _session(_statistics_form(loaded, granularity, self.sites), loaded.info, threads, True)
             self.statistics_form = True
         except OnnxpruneError as e:
-            # A site the rewrite does not take: the probe path, on the file as it was.
             warnings.warn(f"calibrating without the statistics form ({e}): memory grows with length²", stacklevel=3)
-            loaded = load_model(loaded.info.path)
+            loaded = load_model(loaded.info.path)  # the file as it was
             model, self.sites = probe_model(loaded, granularity)
+            self.sess = _session(model, loaded.info, threads, False)
             self.statistics_form = False
-        self.sess = _session(model, loaded.info, threads, with_library=self.statistics_form)
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], valid: np.ndarray) -> list[tuple[np.ndarray, int]]:
