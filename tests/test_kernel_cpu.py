@@ -900,3 +900,9 @@ def test_statistics_errors(ops_library, rng):
         run_statistics_op(ops_library, q, k, v, layout, 16, 4, query_valid=np.ones((3, 20), np.int64))
     with pytest.raises(_ORT_ERRORS, match="query_valid must be bool or int64"):
         run_statistics_op(ops_library, q, k, v, layout, 16, 4, query_valid=np.ones((1, 20), np.float32))
+
+
+def test_statistics_without_values(ops_library, rng):
+    """Dv = 0: Y is empty, the probabilities are still pooled."""
+    q, k, v = rand_inputs(rng, 1, 2, 2, 40, 40, 8, Dv=0)
+    check_statistics(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), 16, 16)

@@ -429,7 +429,8 @@ namespace onnxprune {
 
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx) {
   const size_t total = bsa_num_tasks(p);
-  if (total == 0 || p.Dv == 0) return std::string();
+  // The statistics form runs with Dv = 0 too: its probabilities are an output of their own.
+  if (total == 0 || (p.Dv == 0 && p.granularity == 0)) return std::string();
   if (p.Sk == 0) {  // no keys at all: every row is fully masked
     std::fill(p.y, p.y + p.B * p.Hq * p.Sq * p.Dv, 0.0f);
     return std::string();
