@@ -1,9 +1,13 @@
 """Calibration: run the model in ONNX Runtime and accumulate each site's attention statistics.
 
-Each site's probabilities ``[B, H, Sq, Sk]`` are pooled over keys inside the graph (added graph
-outputs ``[B, H, Sq, ⌈Sk/g⌉]``), so what leaves ONNX Runtime is g times smaller; the pooling over
-queries, which must skip padded queries, happens here with the batch's attention mask.
-No PyTorch is needed.
+Every site is rewritten, through the same passes as a prune with nothing pruned, into the
+statistics form of the op (``onnxprune.BlockSparseAttentionStatistics``, see
+``passes/statistics_form.py``): it computes the attention and sums its probabilities over
+``g × g`` cells of valid queries in two passes over the key blocks, so no ``S × S`` matrix is
+ever held and memory stays near the dense forward pass's. Batches are bounded by a token budget,
+so memory does not grow with the number of inputs either. A model the rewrite cannot take keeps
+the older probe path: probabilities pooled over keys in the graph (``[B, H, Sq, ⌈Sk/g⌉]``) and over
+queries here. Counts come from the inputs' attention mask. No PyTorch is needed.
 """
 
 from __future__ import annotations
@@ -11,21 +15,47 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnxprune import op_schema
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
+from onnxprune.layouts import Layouts, SiteLayout
 from onnxprune.model_io import LoadedModel, ModelInfo, load_model
-from onnxprune.progress import progress
+from onnxprune.progress import counter
 from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
 from onnxprune.runtime import session
 from onnxprune.stats import Stats
 
 PROBE_PREFIX = "onnxprune.probe."
+#: Positions per batch at most (fewer inputs per batch at long --max-length): the forward pass's
+#: activations, and so calibration's memory, do not grow with --batch-size beyond it.
+BATCH_TOKENS = 4096
+#: Cells per axis the default granularity keeps a site's statistics to (see default_granularity).
+MAX_DEFAULT_CELLS = 256
+DEFAULT_GRANULARITY = 16
+
+
+def default_granularity(max_length: int) -> int:
+    """16 up to 4096 positions; beyond, the smallest power of two (at most the largest block
+    size, 128) that keeps ``⌈max_length/g⌉ <= 256``: a site's statistics stay ``H × 256 × 256``
+    float64 (142 MB for SmolLM2's 30 × 9 heads, not 566 MB at 8192 positions and g = 16), and
+    layouts at such lengths are pruned with blocks of at least g anyway."""
+    g = DEFAULT_GRANULARITY
+    while -(-max_length // g) > MAX_DEFAULT_CELLS and g < max(op_schema.BLOCK_SIZES):
+        g *= 2
+    return g
+
+
+def statistics_block_size(granularity: int) -> int:
+    """The op's block size for the statistics form: the largest block no larger than g (16
+    below it). The kernel pools any g; g dividing the query tile writes cells directly."""
+    return max(b for b in op_schema.BLOCK_SIZES if b <= max(granularity, op_schema.BLOCK_SIZES[0]))
 
 
 def _probabilities_nodes(site: SiteMatch, out: str) -> list[onnx.NodeProto]:
@@ -101,9 +131,8 @@ def _key_pooling_nodes(probs: str, out: str, granularity: int) -> list[onnx.Node
     ]
 
 
-def probe_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[SiteMatch]]:
-    """The model with one added output per site: its key-pooled attention probabilities.
-    ``loaded.model`` is changed (fused attention decomposed)."""
+def _discover(loaded: LoadedModel) -> list[SiteMatch]:
+    """The sites of ``loaded.model`` (fused attention decomposed in place), or a one-line error."""
     model_path, ir_model = loaded.info.path, loaded.model
     decompose_fused_attention(ir_model)
     discovery = find_sites(ir_model)
@@ -112,14 +141,48 @@ def probe_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[Site
         raise OnnxpruneError(
             f"{model_path}: no attention site found" + (f" ({reasons})" if reasons else " (no Softmax or Attention node)")
         )
-    from onnx_ir import serde
-
     opset = loaded.info.opset() or 0
     if opset < 13:
         raise OnnxpruneError(f"{model_path}: opset {opset} is too old (need >= 13); export again with a newer opset")
-    proto = serde.serialize_model(ir_model)
+    return discovery.sites
+
+
+def statistics_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[SiteMatch]]:
+    """The model with every site in the statistics form; its outputs, per site: the pooled sums
+    ``[B, H, ⌈Sq/g⌉, ⌈Sk/g⌉]`` and Sq. ``loaded.model`` is changed. Raises an OnnxpruneError
+    where the rewrite does not take a site."""
+    sites = _discover(loaded)
+    return _statistics_form(loaded, granularity, sites), sites
+
+
+def _statistics_form(loaded: LoadedModel, granularity: int, sites: list[SiteMatch]) -> bytes:
+    from onnx_ir import serde
+    from onnx_ir.passes import common as common_passes
+
+    from onnxprune.passes import KeyPaddingMaskPass, PrunePipeline, RewriteSitesPass
+    from onnxprune.passes.statistics_form import StatisticsFormPass
+
+    # Nothing pruned: a [1, 1, 1] layout without a rule continues densely at every length.
+    everything = SiteLayout(layout=np.ones((1, 1, 1), np.uint8))
+    layouts = Layouts(block_size=statistics_block_size(granularity), sites={s.name: everything for s in sites})
+    PrunePipeline(
+        RewriteSitesPass(layouts),
+        KeyPaddingMaskPass(),
+        StatisticsFormPass(granularity, [s.name for s in sites], PROBE_PREFIX),
+        common_passes.RemoveUnusedNodesPass(),
+    )(loaded.model)
+    return serde.serialize_model(loaded.model).SerializeToString()
+
+
+def probe_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[SiteMatch]]:
+    """The model with one added output per site: its key-pooled attention probabilities.
+    ``loaded.model`` is changed (fused attention decomposed)."""
+    from onnx_ir import serde
+
+    sites = _discover(loaded)
+    proto = serde.serialize_model(loaded.model)
     del proto.graph.output[:]
-    for index, site in enumerate(discovery.sites):
+    for index, site in enumerate(sites):
         probs = site.probs.name if site.probs is not None else None
         if probs is None:
             probs = f"{PROBE_PREFIX}{index}.probs"
@@ -127,22 +190,55 @@ def probe_model(loaded: LoadedModel, granularity: int) -> tuple[bytes, list[Site
         out = f"{PROBE_PREFIX}{index}"
         proto.graph.node.extend(_key_pooling_nodes(probs, out, granularity))
         proto.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
-    return proto.SerializeToString(), discovery.sites
+    return proto.SerializeToString(), sites
 
 
-def _probe_session(probe: bytes, info: ModelInfo, threads: int | None):
-    """An ORT session of the probe model. With external data, ORT finds the data relative to the
-    model file, so the probe is written beside the model for as long as the session loads."""
+def _session(model: bytes, info: ModelInfo, threads: int | None, with_library: bool):
+    """An ORT session of calibration's model. With external data, ORT finds the data relative to
+    the model file, so the model is written beside it for as long as the session loads."""
     if not info.has_external_data:
-        return session(probe, threads=threads, with_library=False)
+        return session(model, threads=threads, with_library=with_library)
     folder = Path(info.path).resolve().parent
     fd, tmp = tempfile.mkstemp(prefix=".onnxprune-probe.", suffix=".onnx", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(probe)
-        return session(tmp, threads=threads, with_library=False)
+            f.write(model)
+        return session(tmp, threads=threads, with_library=with_library)
     finally:
         os.unlink(tmp)
+
+
+class _Runner:
+    """One calibration model in a session: per batch, each site's sums over the batch
+    ``[H, ⌈Sq/g⌉, ⌈Sk/g⌉]`` and its number of queries."""
+
+    def __init__(self, loaded: LoadedModel, granularity: int, threads: int | None):
+        self.granularity = granularity
+        self.sites = _discover(loaded)
+        try:
+            # The library is needed here only: without it (or where the rewrite does not take a
+            # site) calibration still runs, as it did before the statistics form.
+            self.sess = _session(_statistics_form(loaded, granularity, self.sites), loaded.info, threads, True)
+            self.statistics_form = True
+        except OnnxpruneError as e:
+            warnings.warn(f"calibrating without the statistics form ({e}): memory grows with length²", stacklevel=3)
+            loaded = load_model(loaded.info.path)  # the file as it was
+            model, self.sites = probe_model(loaded, granularity)
+            self.sess = _session(model, loaded.info, threads, False)
+            self.statistics_form = False
+        self.names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], valid: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        outputs = self.sess.run(self.names, feeds)
+        if self.statistics_form:
+            # Summed over the batch here: each input's sums do not depend on its batch.
+            return [(pooled.sum(axis=0), int(sq[0])) for pooled, sq in zip(outputs[0::2], outputs[1::2])]
+        sums = []
+        for pooled in outputs:
+            sq = pooled.shape[2]
+            valid_q = valid if sq == valid.shape[1] else np.ones((valid.shape[0], sq))
+            sums.append((_pool_queries(pooled.astype(np.float64), valid_q, self.granularity), sq))
+        return sums
 
 
 def _pool_queries(key_pooled: np.ndarray, valid_q: np.ndarray, granularity: int) -> np.ndarray:
@@ -164,27 +260,33 @@ def _group_counts(valid: np.ndarray, granularity: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeSession:
-    """A model's probe (``probe_model``) in an ORT session, for several ``calibrate`` calls: a
-    worker calibrating shard after shard loads the model and starts the session once."""
+class CalibrationSession:
+    """A model ready to calibrate (its statistics form in an ORT session), for several
+    ``calibrate`` calls: a worker calibrating shard after shard loads the model and starts the
+    session once."""
 
-    session: object  # onnxruntime.InferenceSession
-    sites: list[SiteMatch]
+    runner: _Runner
     model_sha256: str
     granularity: int
 
 
-def probe_session(model: str | os.PathLike | LoadedModel, granularity: int = 16,
-                  threads: int | None = None) -> ProbeSession:
+def calibration_session(model: str | os.PathLike | LoadedModel, granularity: int,
+                        threads: int | None = None) -> CalibrationSession:
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    probe, sites = probe_model(loaded, granularity)
-    return ProbeSession(_probe_session(probe, loaded.info, threads), sites, loaded.info.sha256, granularity)
+    return CalibrationSession(_Runner(loaded, granularity, threads), loaded.info.sha256, granularity)
+
+
+def _valid_tokens(example) -> int:
+    if isinstance(example, dict):
+        mask = example.get("attention_mask")
+        return int(next(iter(example.values())).shape[-1] if mask is None else np.count_nonzero(mask))
+    return len(example)
 
 
 def calibrate(
-    model: str | os.PathLike | LoadedModel | ProbeSession,
+    model: str | os.PathLike | LoadedModel | CalibrationSession,
     dataset: Dataset,
-    granularity: int = 16,
+    granularity: int | None = None,
     max_length: int = 256,
     batch_size: int = 8,
     threads: int | None = None,
@@ -193,48 +295,58 @@ def calibrate(
     """Average attention statistics of every site of ``model`` over ``dataset``.
 
     ``model``: a path, or the ``load_model`` of one (a caller that read the file for its input
-    names), whose graph calibration changes, or a ``probe_session`` (then ``threads`` is its own).
+    names), whose graph calibration changes, or a ``calibration_session`` (then ``threads`` is
+    its own). ``granularity``: None for :func:`default_granularity` of ``max_length``.
+    ``batch_size`` is capped so that a batch holds at most ``BATCH_TOKENS`` positions of
+    ``max_length``.
     """
-    if not isinstance(model, ProbeSession):
-        model = probe_session(model, granularity, threads)
-    elif model.granularity != granularity:
-        raise OnnxpruneError(f"the probe session pools {model.granularity} positions, not granularity {granularity}")
-    sess, sites, sha = model.session, model.sites, model.model_sha256
-    names = [o.name for o in sess.get_outputs()]
+    if isinstance(model, CalibrationSession):
+        if granularity is not None and granularity != model.granularity:
+            raise OnnxpruneError(f"the calibration session pools {model.granularity} positions, not granularity "
+                                 f"{granularity}")
+        granularity, runner, sha = model.granularity, model.runner, model.model_sha256
+    else:
+        granularity = default_granularity(max_length) if granularity is None else granularity
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        runner, sha = _Runner(loaded, granularity, threads), loaded.info.sha256
+    sites = runner.sites
     stats: Stats | None = None
-    batches = dataset.batches(batch_size)
+    batches = dataset.batches(max(1, min(batch_size, BATCH_TOKENS // max_length)))
     extents: dict[str, list] = {}  # site → [queries follow the input, keys do, query cells, key cells]
-    total = -(-len(dataset) // batch_size)
-    for feeds in progress(batches, total=total, desc="calibrating", unit="batch", enabled=show_progress):
-        length = next(iter(feeds.values())).shape[1]
-        if length > max_length:
-            raise OnnxpruneError(f"an input has {length} positions, more than --max-length {max_length}")
-        outputs = sess.run(names, feeds)
-        if stats is None:
-            stats = Stats.empty({s.name: o.shape[1] for s, o in zip(sites, outputs)}, granularity, max_length, sha)
-        valid = feeds.get("attention_mask")
-        valid = np.ones((len(outputs[0]), length)) if valid is None else (valid != 0).astype(np.float64)
-        for site, pooled in zip(sites, outputs):
-            # Self-attention sites follow the input's mask; other lengths count every position.
-            sq, mk = pooled.shape[2], pooled.shape[3]
-            if sq > stats.max_length or mk > stats.cells:
-                raise OnnxpruneError(
-                    f"site {site.name} attends {sq} queries to {mk * granularity} keys, more than --max-length "
-                    f"{stats.max_length}"
-                )
-            extent = extents.setdefault(site.name, [True, True, 0, 0])
-            extent[0] &= sq == length
-            extent[1] &= mk == -(-length // granularity)
-            extent[2], extent[3] = max(extent[2], -(-sq // granularity)), max(extent[3], mk)
-            valid_q = valid if sq == length else np.ones((valid.shape[0], sq))
-            valid_k = valid if mk == -(-length // granularity) else np.ones((valid.shape[0], mk * granularity))
-            summed = _pool_queries(pooled.astype(np.float64), valid_q, granularity)
-            counts = np.einsum("ba,bc->ac", _group_counts(valid_q, granularity), _group_counts(valid_k, granularity))
-            mq, mk = summed.shape[1], summed.shape[2]
-            stats.sums[site.name][:, :mq, :mk] += summed
-            stats.counts[site.name][:mq, :mk] += counts[:mq, :mk]
-        np.add.at(stats.lengths, valid.sum(axis=1).astype(np.int64), 1)
-        stats.num_samples += valid.shape[0]
+    total = sum(_valid_tokens(e) for e in dataset.examples)
+    with counter(total=total, desc="calibrating", unit="tok", enabled=show_progress) as bar:
+        for feeds in batches:
+            length = next(iter(feeds.values())).shape[1]
+            if length > max_length:
+                raise OnnxpruneError(f"an input has {length} positions, more than --max-length {max_length}")
+            valid = feeds.get("attention_mask")
+            valid = (np.ones((next(iter(feeds.values())).shape[0], length)) if valid is None
+                     else (valid != 0).astype(np.float64))
+            sums = runner.run(feeds, valid)
+            if stats is None:
+                stats = Stats.empty({s.name: summed.shape[0] for s, (summed, _) in zip(sites, sums)}, granularity,
+                                    max_length, sha)
+            for site, (summed, sq) in zip(sites, sums):
+                # Self-attention sites follow the input's mask; other lengths count every position.
+                mk = summed.shape[2]
+                if sq > stats.max_length or mk > stats.cells:
+                    raise OnnxpruneError(
+                        f"site {site.name} attends {sq} queries to {mk * granularity} keys, more than --max-length "
+                        f"{stats.max_length}"
+                    )
+                extent = extents.setdefault(site.name, [True, True, 0, 0])
+                extent[0] &= sq == length
+                extent[1] &= mk == -(-length // granularity)
+                extent[2], extent[3] = max(extent[2], -(-sq // granularity)), max(extent[3], mk)
+                valid_q = valid if sq == length else np.ones((valid.shape[0], sq))
+                valid_k = valid if mk == -(-length // granularity) else np.ones((valid.shape[0], mk * granularity))
+                counts = np.einsum("ba,bc->ac", _group_counts(valid_q, granularity), _group_counts(valid_k, granularity))
+                mq, mk = summed.shape[1], summed.shape[2]
+                stats.sums[site.name][:, :mq, :mk] += summed
+                stats.counts[site.name][:mq, :mk] += counts[:mq, :mk]
+            np.add.at(stats.lengths, valid.sum(axis=1).astype(np.int64), 1)
+            stats.num_samples += valid.shape[0]
+            bar.update(int(valid.sum()))
     if stats is None:
         raise OnnxpruneError("no calibration data")
     return _trim_to_extents(stats, extents)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 
-from onnxprune.calibrate import ProbeSession, calibrate, probe_session
+from onnxprune.calibrate import CalibrationSession, calibrate, calibration_session
 from onnxprune.data import Dataset, tokenize, tokenizer_from_json
 from onnxprune.errors import OnnxpruneError
 from onnxprune.model_io import LoadedModel
@@ -50,13 +50,13 @@ def shard_dataset(spec: ShardSpec, items: list, tokenizer=None) -> Dataset:
     return Dataset(items, spec.input_names)
 
 
-def calibrate_shard(spec: ShardSpec, items: list, probe: ProbeSession, tokenizer=None) -> Stats:
-    return calibrate(probe, shard_dataset(spec, items, tokenizer), granularity=spec.granularity,
+def calibrate_shard(spec: ShardSpec, items: list, session: CalibrationSession, tokenizer=None) -> Stats:
+    return calibrate(session, shard_dataset(spec, items, tokenizer), granularity=spec.granularity,
                      max_length=spec.max_length, batch_size=spec.batch_size, show_progress=False)
 
 
 class ShardCalibrator:
-    """A Ray actor: one ORT session of the model's probe, started once; calibrates the shards it
+    """A Ray actor: one ORT session of the model's statistics form, started once; calibrates the shards it
     is given and returns each one's statistics.
 
     ``before_shard(index)`` runs first in every task (tests use it to hold a task while they
@@ -66,9 +66,9 @@ class ShardCalibrator:
         self.spec, self.before_shard, self.tokenizer = spec, before_shard, None
         # A user's error here (no such model on this node, no attention site) is raised by each
         # task, where it reaches the driver as itself; raised here, it would kill the actor.
-        self.probe, self.error = None, None
+        self.session, self.error = None, None
         try:
-            self.probe = probe_session(spec.model, spec.granularity, spec.threads)
+            self.session = calibration_session(spec.model, spec.granularity, spec.threads)
         except OnnxpruneError as e:
             self.error = e
 
@@ -79,7 +79,7 @@ class ShardCalibrator:
             self.before_shard(index)
         if self.tokenizer is None and tokenizer_json is not None:
             self.tokenizer = tokenizer_from_json(tokenizer_json)
-        return calibrate_shard(self.spec, items, self.probe, self.tokenizer)
+        return calibrate_shard(self.spec, items, self.session, self.tokenizer)
 
 
 def calibrate_sharded(
@@ -102,9 +102,9 @@ def calibrate_sharded(
     bar = _bar(total, show_progress)
     try:
         if workers is None:
-            probe = probe_session(loaded or spec.model, spec.granularity, spec.threads)
+            session = calibration_session(loaded or spec.model, spec.granularity, spec.threads)
             tokenizer = tokenizer_from_json(spec.tokenizer_json) if spec.tokenizer_json else None
-            results = ((len(s), calibrate_shard(spec, s, probe, tokenizer)) for s in shards)
+            results = ((len(s), calibrate_shard(spec, s, session, tokenizer)) for s in shards)
         else:
             results = _on_ray(spec, shards, workers, address, before_shard)
         stats = None

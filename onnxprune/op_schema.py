@@ -36,3 +36,12 @@ def layout_name(site: str) -> str:
 
 def layout_rule_name(site: str) -> str:
     return LAYOUT_RULE_PREFIX + site
+
+#: The op's internal statistics form, registered by the same library (CPU only) and used only in
+#: calibration's in-memory model, never written to a file: BlockSparseAttention's inputs and
+#: attributes, plus ``query_valid`` (bool or int64 ``[B, S]``, which queries count; ignored when
+#: S differs from the site's Sq) and ``granularity``; outputs Y and the probabilities summed
+#: over ``g × g`` cells of valid queries, float64 ``[B, Hq, ⌈Sq/g⌉, ⌈Sk/g⌉]``.
+STATISTICS_OP_TYPE = "BlockSparseAttentionStatistics"
+STATISTICS_INPUTS = INPUTS + ("query_valid",)
+STATISTICS_OUTPUTS = ("Y", "pooled")

@@ -793,3 +793,116 @@ def test_isa_cap_is_honoured(ops_library, monkeypatch):
     assert isa_of() == b"baseline"
     monkeypatch.delenv("ONNXPRUNE_CPU_ISA")
     assert isa_of().decode() in ("avx512", "avx2", "baseline")
+
+
+# ---- onnxprune.BlockSparseAttentionStatistics: Y and the pooled probabilities ------------------
+
+
+def run_statistics_op(ops_library, q, k, v, layout, block_size, granularity, is_causal=False, attn_mask=None,
+                      key_padding_mask=None, layout_rule=None, query_valid=None):
+    arrays = [q, k, v, layout, attn_mask, key_padding_mask, layout_rule, query_valid]
+    names = _INPUT_NAMES + ["query_valid"]
+    node_inputs = [n if a is not None else "" for n, a in zip(names, arrays)]
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    node = helper.make_node("BlockSparseAttentionStatistics", node_inputs, ["Y", "pooled"], domain="onnxprune",
+                            block_size=block_size, is_causal=int(is_causal), granularity=granularity)
+    graph = helper.make_graph(
+        [node], "bsa_statistics",
+        [helper.make_tensor_value_info(n, _NP_TO_ONNX[a.dtype], None) for n, a in zip(names, arrays) if a is not None],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("pooled", TensorProto.DOUBLE, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnxprune", 2)])
+    model.ir_version = 8
+    feeds = {n: a for n, a in zip(names, arrays) if a is not None}
+    return make_session(ops_library, model).run(None, feeds)
+
+
+def pooled_reference(q, k, layout, block_size, granularity, query_valid=None, **masks):
+    """The float64 probabilities (the reference's Y with V = identity), summed over g × g cells
+    of valid queries."""
+    b, hkv, sk, _ = k.shape
+    sq = q.shape[2]
+    eye = np.broadcast_to(np.eye(sk), (b, hkv, sk, sk))
+    probs = block_sparse_attention_ref(q, k, eye, layout, block_size, **masks)  # [B, Hq, Sq, Sk]
+    if query_valid is not None and query_valid.shape[1] == sq:
+        probs = probs * (query_valid != 0)[:, None, :, None]
+    g = granularity
+    mq, mk = -(-sq // g), -(-sk // g)
+    padded = np.zeros(probs.shape[:2] + (mq * g, mk * g))
+    padded[:, :, :sq, :sk] = probs
+    return padded.reshape(b, -1, mq, g, mk, g).sum(axis=(3, 5))
+
+
+def check_statistics(ops_library, q, k, v, layout, block_size, granularity, query_valid=None, **masks):
+    y, pooled = run_statistics_op(ops_library, q, k, v, layout, block_size, granularity, query_valid=query_valid,
+                                  **masks)
+    assert pooled.dtype == np.float64
+    np.testing.assert_allclose(y, block_sparse_attention_ref(q, k, v, layout, block_size, **masks), atol=ATOL,
+                               rtol=RTOL)
+    expected = pooled_reference(q, k, layout, block_size, granularity, query_valid, **masks)
+    assert pooled.shape == expected.shape
+    np.testing.assert_allclose(pooled, expected, atol=1e-5, rtol=1e-5)
+    return pooled
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("g", [1, 4, 16, 64])
+def test_statistics_block_sizes_and_granularities(ops_library, rng, bs, g):
+    q, k, v = rand_inputs(rng, 2, 4, 2, 77, 77, 32)
+    layout = rand_layout(rng, 4, n_blocks(77, bs), n_blocks(77, bs))
+    mask = np.ones((2, 77), np.int64)
+    mask[1, 60:] = 0
+    check_statistics(ops_library, q, k, v, layout, bs, g, query_valid=mask, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("g", [1, 3, 16, 48, 256])
+def test_statistics_causal_gqa_dense(ops_library, rng, g):
+    q, k, v = rand_inputs(rng, 3, 6, 2, 100, 100, 16)
+    valid = rng.random((3, 100)) < 0.8
+    check_statistics(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), 16, g, query_valid=valid, is_causal=True)
+
+
+@pytest.mark.parametrize("sq,sk", [(20, 45), (45, 20), (1, 50)])
+def test_statistics_rectangular_ignores_other_lengths(ops_library, rng, sq, sk):
+    """query_valid of another length than Sq (cross-attention) counts every query."""
+    q, k, v = rand_inputs(rng, 2, 2, 2, sq, sk, 16)
+    other = np.zeros((2, sq + 1), np.int64)
+    bias = rng.standard_normal((2, 1, sq, sk)).astype(np.float32)
+    check_statistics(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), 16, 4, query_valid=other, attn_mask=bias)
+
+
+def test_statistics_with_rule_and_masked_rows(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 2, 1, 90, 90, 8)
+    layout = rand_layout(rng, 2, 2, 2)
+    rule = np.array([[1, 1, 0, 0], [0, -1, 1, 1]], np.int64)
+    bool_mask = rng.random((1, 1, 90, 90)) < 0.7
+    bool_mask[..., 5, :] = False  # a row with no key: probability 0, Y 0
+    check_statistics(ops_library, q, k, v, layout, 32, 16, layout_rule=rule, attn_mask=bool_mask)
+
+
+def test_statistics_independent_of_batch_and_threads(ops_library, rng):
+    q, k, v = rand_inputs(rng, 4, 2, 2, 70, 70, 16)
+    layout = np.ones((1, 1, 1), np.uint8)
+    whole = run_statistics_op(ops_library, q, k, v, layout, 16, 48)[1]
+    for b in range(4):
+        alone = run_statistics_op(ops_library, q[b:b + 1], k[b:b + 1], v[b:b + 1], layout, 16, 48)[1]
+        np.testing.assert_array_equal(alone[0], whole[b])
+
+
+def test_statistics_errors(ops_library, rng):
+    q, k, v = rand_inputs(rng, 1, 2, 2, 20, 20, 8)
+    layout = np.ones((1, 1, 1), np.uint8)
+    with pytest.raises(_ORT_ERRORS, match="granularity must be >= 1"):
+        run_statistics_op(ops_library, q, k, v, layout, 16, 0)
+    with pytest.raises(_ORT_ERRORS, match=r"query_valid shape \[3, 20\] must be \[B, S\]"):
+        run_statistics_op(ops_library, q, k, v, layout, 16, 4, query_valid=np.ones((3, 20), np.int64))
+    with pytest.raises(_ORT_ERRORS, match="query_valid must be bool or int64"):
+        run_statistics_op(ops_library, q, k, v, layout, 16, 4, query_valid=np.ones((1, 20), np.float32))
+
+
+def test_statistics_without_values(ops_library, rng):
+    """Dv = 0: Y is empty, the probabilities are still pooled."""
+    q, k, v = rand_inputs(rng, 1, 2, 2, 40, 40, 8, Dv=0)
+    check_statistics(ops_library, q, k, v, np.ones((1, 1, 1), np.uint8), 16, 16)

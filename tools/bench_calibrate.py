@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from onnxprune.calibrate import calibrate, probe_session  # noqa: E402
+from onnxprune.calibrate import calibrate, calibration_session  # noqa: E402
 from onnxprune.data import Dataset, chunked, load_tokenizer, read_texts, tokenize  # noqa: E402
 from onnxprune.distributed import ShardSpec, calibrate_sharded  # noqa: E402
 from onnxprune.model_io import read_info  # noqa: E402
@@ -179,7 +179,7 @@ def main() -> None:
     modes = {name: run for name, run in modes.items() if name == "plain" or name in (args.modes or modes)}
     # A session's start (model read, probe built, ORT session), which every process pays once.
     start, cpu_start = time.perf_counter(), time.process_time()
-    probe_session(str(model), 16, threads=1)
+    calibration_session(str(model), 16, threads=1)
     session_s, session_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, configure_logging=False, log_to_driver=False)

@@ -74,6 +74,15 @@ struct BsaInputDesc {
   // The CUDA kernel also takes float16 and bfloat16 (Q, K, V and a float
   // attn_mask then share Q's type); the CPU kernel takes float32 only.
   bool allow_half = false;
+
+  // Statistics form (onnxprune.BlockSparseAttentionStatistics, CPU only): its granularity
+  // attribute, and the optional query_valid input (input 7, bool or int64 [B, Sq'], used when
+  // Sq' == Sq).
+  bool statistics = false;
+  int64_t granularity = 0;
+  bool has_query_valid = false;
+  std::vector<int64_t> query_valid_shape;
+  int32_t query_valid_type = kElemUndefined;
 };
 
 // Columns of a layout_rule row, per head.
@@ -145,6 +154,15 @@ struct BsaParams {
   const void* key_padding_mask = nullptr;  // bool (1 byte) or int64, [B, Sk]
   float* y = nullptr;             // [B, Hq, Sq, Dv]
 
+  // Statistics form only (granularity > 0): see bsa_statistics_cpu.
+  int64_t granularity = 0;
+  PaddingKind query_valid_kind = PaddingKind::kNone;  // kNone: every query counts
+  const void* query_valid = nullptr;                  // [B, Sq]
+  // Rows the tasks write: one per `pool_chunk` queries, `pool_rows_per_head` per (b, h),
+  // ⌈Sk/g⌉ doubles each (set by bsa_statistics_cpu).
+  int64_t pool_chunk = 0, pool_rows_per_head = 0;
+  double* pool_rows = nullptr;
+
   // Output shape [B, Hq, Sq, Dv].
   std::vector<int64_t> output_shape() const { return {B, Hq, Sq, Dv}; }
 };
@@ -184,6 +202,16 @@ size_t bsa_num_tasks(const BsaParams& p);
 // Runs the kernel. `pf` may be null (serial execution). Returns an empty
 // string on success, an error message otherwise (e.g. out of memory).
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx);
+
+// The statistics form: Y as bsa_compute_cpu, and pooled [B, Hq, ⌈Sq/g⌉, ⌈Sk/g⌉] (double),
+// the attention probabilities summed over each g × g cell of (valid query, key) pairs. Each
+// task owns its rows; where g does not divide the query tile, tasks write pieces of a cell
+// row that are summed afterwards in a fixed order, so the sums never depend on the thread
+// count. Granularity, query_valid and the block size are validated by bsa_validate.
+std::string bsa_statistics_cpu(BsaParams p, double* pooled, BsaParallelFor pf, void* pf_ctx);
+
+// Output shape of the pooled statistics.
+std::vector<int64_t> bsa_pooled_shape(const BsaParams& p);
 
 // Instruction set bsa_compute_cpu uses on this CPU: "avx512", "avx2" or
 // "baseline" (capped by the environment variable ONNXPRUNE_CPU_ISA).

@@ -86,6 +86,44 @@ std::string validate_rule(const BsaInputDesc& d, int64_t hl) {
 
 }  // namespace
 
+int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
+// The statistics form's granularity and query_valid input; sets the pooling fields of `p`.
+// Returns a message (without the op's prefix) or an empty string.
+std::string validate_statistics(const BsaInputDesc& d, BsaParams* p) {
+  std::ostringstream err;
+  if (d.granularity < 1) {
+    err << "granularity must be >= 1, got " << d.granularity << " (0: missing)";
+    return err.str();
+  }
+  p->granularity = d.granularity;
+  // Rows of pooled pieces never straddle two query tiles: a chunk divides both g and the tile,
+  // and the queries' offset.
+  const int64_t qtile = bsa_query_tile(p->block_size);
+  p->pool_chunk = gcd64(gcd64(d.granularity, qtile), p->q_offset == 0 ? qtile : p->q_offset);
+  if (d.has_query_valid) {
+    const auto& vs = d.query_valid_shape;
+    if (d.query_valid_type != kElemBool && d.query_valid_type != kElemInt64) {
+      err << "query_valid must be bool or int64, got " << type_str(d.query_valid_type);
+      return err.str();
+    }
+    if (vs.size() != 2 || vs[0] != p->B) {
+      err << "query_valid shape " << shape_str(vs) << " must be [B, S] with B=" << p->B;
+      return err.str();
+    }
+    // A mask of another length belongs to other positions (cross-attention): every query counts.
+    if (vs[1] == p->Sq) p->query_valid_kind = d.query_valid_type == kElemBool ? PaddingKind::kBool : PaddingKind::kInt64;
+  }
+  return std::string();
+}
+
 std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
   std::ostringstream err;
   const char* prefix = "BlockSparseAttention: ";
@@ -292,6 +330,11 @@ std::string bsa_validate(const BsaInputDesc& d, BsaParams* out) {
     p.padding_kind = d.key_padding_mask_type == kElemBool ? PaddingKind::kBool : PaddingKind::kInt64;
   }
 
+  if (d.statistics) {
+    std::string stats_err = validate_statistics(d, &p);
+    if (!stats_err.empty()) return prefix + stats_err;
+  }
+
   if (d.has_scale) {
     p.scale = d.scale;
   } else {
@@ -386,7 +429,8 @@ namespace onnxprune {
 
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx) {
   const size_t total = bsa_num_tasks(p);
-  if (total == 0 || p.Dv == 0) return std::string();
+  // The statistics form runs with Dv = 0 too: its probabilities are an output of their own.
+  if (total == 0 || (p.Dv == 0 && p.granularity == 0)) return std::string();
   if (p.Sk == 0) {  // no keys at all: every row is fully masked
     std::fill(p.y, p.y + p.B * p.Hq * p.Sq * p.Dv, 0.0f);
     return std::string();
@@ -400,6 +444,47 @@ std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx)
     return "BlockSparseAttention: parallel execution failed";
   }
   if (shared.failed.load()) return "BlockSparseAttention: out of memory for the kernel's per-thread working buffers";
+  return std::string();
+}
+
+}  // namespace onnxprune
+
+namespace onnxprune {
+
+std::vector<int64_t> bsa_pooled_shape(const BsaParams& p) {
+  const int64_t g = p.granularity > 0 ? p.granularity : 1;
+  return {p.B, p.Hq, (p.Sq + g - 1) / g, (p.Sk + g - 1) / g};
+}
+
+std::string bsa_statistics_cpu(BsaParams p, double* pooled, BsaParallelFor pf, void* pf_ctx) {
+  const std::vector<int64_t> shape = bsa_pooled_shape(p);
+  const int64_t g = p.granularity, mqg = shape[2], mkg = shape[3];
+  const size_t pooled_size = static_cast<size_t>(p.B * p.Hq * mqg * mkg);
+  if (bsa_num_tasks(p) == 0 || p.Sk == 0) {  // no query or no key: nothing attended
+    std::fill(pooled, pooled + pooled_size, 0.0);
+    std::fill(p.y, p.y + p.B * p.Hq * p.Sq * p.Dv, 0.0f);
+    return std::string();
+  }
+  // Where chunks are whole cells (g divides the tile) the tasks write `pooled` itself;
+  // otherwise pieces of ⌈g / chunk⌉ rows, summed below in query order.
+  std::vector<double> pieces;
+  p.pool_rows_per_head = (p.Sq + p.pool_chunk - 1) / p.pool_chunk;
+  if (p.pool_chunk == g) {
+    p.pool_rows = pooled;
+  } else {
+    pieces.assign(static_cast<size_t>(p.B * p.Hq * p.pool_rows_per_head * mkg), 0.0);
+    p.pool_rows = pieces.data();
+  }
+  const std::string err = bsa_compute_cpu(p, pf, pf_ctx);
+  if (!err.empty() || p.pool_rows == pooled) return err;
+  std::fill(pooled, pooled + pooled_size, 0.0);
+  for (int64_t bh = 0; bh < p.B * p.Hq; ++bh) {
+    for (int64_t ch = 0; ch < p.pool_rows_per_head; ++ch) {
+      const double* src = pieces.data() + (bh * p.pool_rows_per_head + ch) * mkg;
+      double* dst = pooled + (bh * mqg + ch * p.pool_chunk / g) * mkg;
+      for (int64_t j = 0; j < mkg; ++j) dst[j] += src[j];
+    }
+  }
   return std::string();
 }
 

@@ -1,6 +1,7 @@
 // ONNX Runtime registration of the custom op onnxprune.BlockSparseAttention
-// (versions 1 and 2; one kernel serves both), written against the raw C API
-// (no exceptions cross the C boundary: every failure becomes an OrtStatus).
+// (versions 1 and 2; one kernel serves both) and of its internal statistics form
+// onnxprune.BlockSparseAttentionStatistics (CPU only; calibration's in-memory model), written
+// against the raw C API (no exceptions cross the C boundary: every failure becomes an OrtStatus).
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
 #endif
@@ -28,8 +29,13 @@ namespace {
 
 constexpr const char* kDomain = "onnxprune";
 constexpr const char* kOpName = "BlockSparseAttention";
+constexpr const char* kStatisticsOpName = "BlockSparseAttentionStatistics";
 constexpr size_t kNumInputs = 7;
 constexpr size_t kLayoutRuleInput = 6;
+// The statistics form: BlockSparseAttention's inputs, then query_valid ([B, Sq] bool or
+// int64); outputs Y and the pooled probabilities (double).
+constexpr size_t kQueryValidInput = 7;
+constexpr size_t kNumStatisticsInputs = 8;
 // Op versions the kernel implements. A version-1 node passes neither layout_rule nor
 // queries_at_end, which gives it version 2's defaults (the same meaning, lengths beyond the
 // layout continuing densely). ORT (1.2x) builds one schema per custom op name, "since" the
@@ -69,6 +75,8 @@ struct BsaKernel {
   float scale = 0.0f;
   int64_t is_causal = 0;
   int64_t queries_at_end = 0;
+  bool statistics = false;  // onnxprune.BlockSparseAttentionStatistics
+  int64_t granularity = 0;
 };
 
 // Reads the type and shape of a tensor OrtValue.
@@ -109,16 +117,17 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   size_t n_in = 0;
   BSA_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &n_in), "GetInputCount");
 
-  const OrtValue* in[kNumInputs] = {};
-  for (size_t i = 0; i < kNumInputs && i < n_in; ++i) {
+  const size_t num_inputs = kernel.statistics ? kNumStatisticsInputs : kNumInputs;
+  const OrtValue* in[kNumStatisticsInputs] = {};
+  for (size_t i = 0; i < num_inputs && i < n_in; ++i) {
     BSA_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &in[i]), "GetInput");
   }
-  static const char* const names[kNumInputs] = {"Q", "K", "V", "layout", "attn_mask",
-                                                "key_padding_mask", "layout_rule"};
+  static const char* const names[kNumStatisticsInputs] = {"Q", "K", "V", "layout", "attn_mask",
+                                                          "key_padding_mask", "layout_rule", "query_valid"};
   for (size_t i = 0; i < 4; ++i) {
     if (in[i] == nullptr) return invalid_arg(std::string("BlockSparseAttention: missing required input ") + names[i]);
   }
-  for (size_t i = 0; i < kNumInputs; ++i) {
+  for (size_t i = 0; i < num_inputs; ++i) {
     if (in[i] == nullptr) continue;
     int is_tensor = 0;
     BSA_RETURN_IF_ERROR(g_api->IsTensor(in[i], &is_tensor), "IsTensor");
@@ -163,6 +172,15 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   desc.is_causal = kernel.is_causal;
   desc.queries_at_end = kernel.queries_at_end;
   desc.allow_half = kernel.cuda;
+  if (kernel.statistics) {
+    desc.statistics = true;
+    desc.granularity = kernel.granularity;  // 0 when the attribute is missing: an error
+    if (in[kQueryValidInput] != nullptr) {
+      desc.has_query_valid = true;
+      BSA_RETURN_IF_ERROR(get_type_shape(in[kQueryValidInput], &desc.query_valid_type, &desc.query_valid_shape),
+                          "reading query_valid");
+    }
+  }
 
   onnxprune::BsaParams p;
   std::string err = onnxprune::bsa_validate(desc, &p);
@@ -184,6 +202,9 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   p.layout = static_cast<const uint8_t*>(ptrs[3]);
   p.attn_mask = ptrs[4];
   p.key_padding_mask = ptrs[5];
+  if (p.query_valid_kind != onnxprune::PaddingKind::kNone) {
+    BSA_RETURN_IF_ERROR(data_of(in[kQueryValidInput], &p.query_valid), "GetTensorMutableData(query_valid)");
+  }
 
   const std::vector<int64_t> out_shape = p.output_shape();
   OrtValue* out = nullptr;
@@ -206,7 +227,17 @@ OrtStatus* compute_impl(const BsaKernel& kernel, OrtKernelContext* context) {
   }
 
   ParallelCtx pc{context, std::string()};
-  err = onnxprune::bsa_compute_cpu(p, &ort_parallel_for, &pc);
+  if (kernel.statistics) {
+    const std::vector<int64_t> pooled_shape = onnxprune::bsa_pooled_shape(p);
+    OrtValue* pooled = nullptr;
+    BSA_RETURN_IF_ERROR(
+        g_api->KernelContext_GetOutput(context, 1, pooled_shape.data(), pooled_shape.size(), &pooled), "GetOutput");
+    void* pooled_ptr = nullptr;
+    BSA_RETURN_IF_ERROR(g_api->GetTensorMutableData(pooled, &pooled_ptr), "GetTensorMutableData(pooled)");
+    err = onnxprune::bsa_statistics_cpu(p, static_cast<double*>(pooled_ptr), &ort_parallel_for, &pc);
+  } else {
+    err = onnxprune::bsa_compute_cpu(p, &ort_parallel_for, &pc);
+  }
   if (!err.empty()) {
     if (!pc.error.empty()) err += ": " + pc.error;
     return fail(err);
@@ -223,6 +254,7 @@ struct BsaOp {
   OrtCustomOp base;  // first member: ORT hands callbacks a pointer to it
   bool cuda;
   ONNXTensorElementDataType value_type;
+  bool statistics;
 };
 
 const BsaOp& op_of(const OrtCustomOp* op) { return *reinterpret_cast<const BsaOp*>(op); }
@@ -233,6 +265,7 @@ OrtStatusPtr ORT_API_CALL create_kernel_v2(const OrtCustomOp* op, const OrtApi* 
   BsaKernel* k = new (std::nothrow) BsaKernel();
   if (k == nullptr) return api->CreateStatus(ORT_FAIL, "BlockSparseAttention: out of memory");
   k->cuda = op_of(op).cuda;  // no CUDA call here: kernels are created on CPU-only hosts too
+  k->statistics = op_of(op).statistics;
 
   // Attribute problems are reported at run time (see compute_impl / bsa_validate).
   int64_t iv = 0;
@@ -263,6 +296,14 @@ OrtStatusPtr ORT_API_CALL create_kernel_v2(const OrtCustomOp* op, const OrtApi* 
   } else {
     api->ReleaseStatus(st);
   }
+  if (k->statistics) {
+    st = api->KernelInfoGetAttribute_int64(info, "granularity", &iv);
+    if (st == nullptr) {
+      k->granularity = iv;
+    } else {
+      api->ReleaseStatus(st);
+    }
+  }
   *kernel = k;
   return nullptr;
 }
@@ -281,7 +322,9 @@ OrtStatusPtr ORT_API_CALL kernel_compute_v2(void* op_kernel, OrtKernelContext* c
 
 void ORT_API_CALL kernel_destroy(void* op_kernel) noexcept { delete static_cast<BsaKernel*>(op_kernel); }
 
-const char* ORT_API_CALL get_name(const OrtCustomOp*) noexcept { return kOpName; }
+const char* ORT_API_CALL get_name(const OrtCustomOp* op) noexcept {
+  return op_of(op).statistics ? kStatisticsOpName : kOpName;
+}
 const char* ORT_API_CALL get_ep(const OrtCustomOp* op) noexcept {
   return op_of(op).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
 }
@@ -295,11 +338,13 @@ ONNXTensorElementDataType ORT_API_CALL get_input_type(const OrtCustomOp* op, siz
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // checked at run time
   }
 }
-size_t ORT_API_CALL get_input_count(const OrtCustomOp*) noexcept { return kNumInputs; }
-ONNXTensorElementDataType ORT_API_CALL get_output_type(const OrtCustomOp* op, size_t) noexcept {
-  return op_of(op).value_type;
+size_t ORT_API_CALL get_input_count(const OrtCustomOp* op) noexcept {
+  return op_of(op).statistics ? kNumStatisticsInputs : kNumInputs;
 }
-size_t ORT_API_CALL get_output_count(const OrtCustomOp*) noexcept { return 1; }
+ONNXTensorElementDataType ORT_API_CALL get_output_type(const OrtCustomOp* op, size_t index) noexcept {
+  return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE : op_of(op).value_type;
+}
+size_t ORT_API_CALL get_output_count(const OrtCustomOp* op) noexcept { return op_of(op).statistics ? 2 : 1; }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL get_input_char(const OrtCustomOp*, size_t index) noexcept {
   return index >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
@@ -322,10 +367,11 @@ size_t ORT_API_CALL get_no_pairs(int** a, int** b) noexcept {
 }
 void ORT_API_CALL release_no_pairs(int*, int*) noexcept {}
 
-BsaOp make_op(bool cuda, ONNXTensorElementDataType value_type) {
+BsaOp make_op(bool cuda, ONNXTensorElementDataType value_type, bool statistics = false) {
   BsaOp bop{};
   bop.cuda = cuda;
   bop.value_type = value_type;
+  bop.statistics = statistics;
   OrtCustomOp& op = bop.base;
   op.version = ORT_API_VERSION;
   op.CreateKernel = nullptr;  // V2 entry points are used (version > 15, KernelCompute == null)
@@ -359,6 +405,7 @@ BsaOp make_op(bool cuda, ONNXTensorElementDataType value_type) {
 // Ops and domain live for the whole process (sessions keep raw pointers to them).
 BsaOp g_ops[] = {
     make_op(false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+    make_op(false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, /*statistics=*/true),
 #if defined(ONNXPRUNE_WITH_CUDA)
     make_op(true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
     make_op(true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16),

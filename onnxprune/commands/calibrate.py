@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnxprune.calibrate import default_granularity
 from onnxprune.commands.arguments import add_data_arguments, positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
 from onnxprune.data import (check_text_inputs, chunked, is_text_source, npz_examples, read_texts, shuffled,
@@ -15,11 +16,16 @@ from onnxprune.model_io import load_model, read_info
 EXAMPLES = """\
   onnxprune calibrate model.onnx --data lines.txt --tokenizer path/to/bert-dir -o stats.safetensors
   onnxprune calibrate model.onnx --data inputs.npz --max-length 512 -o stats.safetensors
+  onnxprune calibrate model.onnx --data long.txt --tokenizer DIR --max-length 8192 -o stats.safetensors
   onnxprune calibrate model.onnx --data corpus.parquet --tokenizer tok/ --limit 100000 --shuffle-seed 0 \\
       --workers 8 -o stats.safetensors
   onnxprune calibrate model.onnx --data train/ --tokenizer tok/ --workers 64 --ray-address auto -o stats.safetensors"""
 
 DETAILS = f"""\
+Memory stays near a dense forward pass of one --max-length input (batches hold at most 4096
+positions; no site's S x S probabilities are ever held): SmolLM2-135M at 8192 positions peaks
+below 4 GB (docs/PERFORMANCE.md).
+
 The data is read as a stream and cut into shards of --shard-size examples. Without --workers the
 shards run one after another here; with --workers N they run on N Ray actors (pip install
 'onnxprune[distributed]'), on a local Ray instance of N CPUs, or on the cluster at --ray-address.
@@ -29,7 +35,10 @@ Both give the same statistics (docs/DISTRIBUTED.md). Default shard size: {SHARD_
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="dense .onnx (with --workers: a path every worker can read)")
     add_data_arguments(p, streaming=True)
-    p.add_argument("--granularity", type=positive, default=16, help="statistics cell size in positions (default 16)")
+    p.add_argument("--granularity", type=positive, default=None,
+                   help="statistics cell size in positions (default 16; above --max-length 4096 the smallest power of "
+                        "two giving at most 256 cells, e.g. 32 at 8192, so a file stays small; prune's --block-size "
+                        "must be a multiple of it)")
     p.add_argument("--workers", type=positive, metavar="N",
                    help="calibrate on N Ray actors (default: in this process); --threads is then per actor (default 1)")
     p.add_argument("--ray-address", metavar="ADDR",
@@ -58,7 +67,8 @@ def run(args: argparse.Namespace, log: Log) -> int:
             examples = shuffled(examples, args.shuffle_seed)
         examples = list(examples)[: args.limit]
         total = len(examples)
-    spec = ShardSpec(str(args.model), tuple(info.input_names), tokenizer_json, args.granularity, args.max_length,
+    granularity = default_granularity(args.max_length) if args.granularity is None else args.granularity
+    spec = ShardSpec(str(args.model), tuple(info.input_names), tokenizer_json, granularity, args.max_length,
                      args.batch_size, args.threads)
     stats = calibrate_sharded(spec, chunked(examples, args.shard_size), workers=args.workers,
                               address=args.ray_address, total=total, show_progress=not args.quiet,
