@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
+from onnxprune.lm_feeds import with_empty_cache
 from onnxprune.model_io import LoadedModel, ModelInfo, load_model
 from onnxprune.progress import progress
 from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
@@ -189,7 +190,7 @@ def calibrate(
         length = next(iter(feeds.values())).shape[1]
         if length > max_length:
             raise OnnxpruneError(f"an input has {length} positions, more than --max-length {max_length}")
-        outputs = sess.run(names, feeds)
+        outputs = sess.run(names, with_empty_cache(loaded.info, feeds))
         if stats is None:
             stats = Stats.empty({s.name: o.shape[1] for s, o in zip(sites, outputs)}, granularity, max_length, sha)
         valid = feeds.get("attention_mask")

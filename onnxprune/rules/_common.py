@@ -46,6 +46,8 @@ class SiteMatch:
     #: A fused ONNX Runtime op (``q``/``k``/``v`` are its packed inputs): ``decompose_fused_attention``
     #: turns it into the eager form before calibration and the rewrite.
     fused: bool = False
+    #: The queries are the last ``Sq`` of the ``Sk`` key positions (a KV cache: ``rules/kv_cache.py``).
+    queries_at_end: bool = False
 
     @property
     def num_heads(self) -> int | None:
@@ -201,9 +203,8 @@ def emit_block_sparse_attention(op, site: SiteMatch, layouts: Layouts) -> ir.Val
         block_size=layouts.block_size,
         scale=float(site.scale),
         is_causal=int(site.is_causal),
-        # Queries start at position 0 in the graphs the rules match (no KV cache); explicit, as
-        # onnx.reference does not apply a function's attribute defaults.
-        queries_at_end=0,
+        # Always explicit: onnx.reference does not apply a function's attribute defaults.
+        queries_at_end=int(site.queries_at_end),
         _domain=op_schema.DOMAIN,
     )
 
