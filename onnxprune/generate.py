@@ -214,8 +214,10 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def model_settings(folder: Path) -> tuple[list[int], int | None]:
-    """End tokens and the number of positions from a model directory's config files."""
+def model_settings(*folders: Path) -> tuple[list[int], int | None]:
+    """End tokens and the number of positions from the config files of the first of ``folders``
+    that has a config.json (a model directory; a pruned file's tokenizer directory)."""
+    folder = next((f for f in folders if (f / "config.json").is_file()), folders[0])
     config = _read_json(folder / "config.json")
     text = config.get("text_config") or config
     generation = _read_json(folder / "generation_config.json")
@@ -278,7 +280,7 @@ def generate(
     path, tokenizer_dir = resolve_model(model, tokenizer)
     lm = CausalLM(path, library, threads)
     tok = load_tokenizer(tokenizer_dir)
-    eos, max_positions = model_settings(path.parent)
+    eos, max_positions = model_settings(path.parent, tokenizer_dir)
     if not eos and tok.eos_token_id is not None:
         eos = [tok.eos_token_id]
     ids = prompt_ids(tok, prompt, chat)
