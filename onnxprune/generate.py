@@ -32,6 +32,7 @@ from onnxprune.model_io import ModelInfo, read_info
 #: runs their function body.
 LIBRARY_CHOICES = ("auto", "none")
 EXPORT_HINT = "export it with --task text-generation-with-past"
+JSON_SCHEMA = "onnxprune.generate/1"
 
 
 @dataclasses.dataclass
@@ -45,13 +46,15 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float  # every decode step together
     decode_steps: int
+    kernel: bool = False  # a pruned model ran onnxprune's kernel (not the op's function body)
 
     @property
-    def decode_tokens_per_second(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+    def decode_tokens_per_second(self) -> float | None:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else None
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "decode_tokens_per_second": self.decode_tokens_per_second}
+        return {"schema": JSON_SCHEMA, **dataclasses.asdict(self),
+                "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
 class CausalLM:
@@ -70,7 +73,8 @@ class CausalLM:
         if not self.cache:
             raise OnnxpruneError(f"{self.info.path}: has no KV cache inputs (past_key_values.*); {EXPORT_HINT}")
         self.kv_shape = {c.name: cache_shape(c) for c in self.cache}
-        self.session = session(self.info, threads=threads, with_library=self.pruned and library == "auto")
+        self.kernel = self.pruned and library == "auto"
+        self.session = session(self.info, threads=threads, with_library=self.kernel)
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in outputs:
             raise OnnxpruneError(f"{self.info.path}: has no logits output; {EXPORT_HINT}")
@@ -302,4 +306,4 @@ def generate(
     if on_text is not None and len(text) > len(shown[0]):
         on_text(text[len(shown[0]):])
     return Generation(text, tokens, len(ids), result.stop_reason, result.prefill_seconds, result.decode_seconds,
-                      result.decode_steps)
+                      result.decode_steps, lm.kernel)

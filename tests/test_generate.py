@@ -13,6 +13,7 @@ from onnx import TensorProto as T
 from onnx import helper
 
 from models import tiny
+from json_schema import assert_valid
 from onnxprune.cli import main
 from onnxprune.errors import OnnxpruneError
 from onnxprune.generate import CausalLM, generate, generate_ids
@@ -109,7 +110,8 @@ def test_cli_json(capsys, ops_library):
     assert main(["generate", str(pruned_lm("llama", "eager", 0.0)), "--tokenizer", str(folder), "--prompt",
                  words(prompt), "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["token_ids"] == torch_greedy("llama", prompt)
+    assert_valid(out, "generate")
+    assert out["token_ids"] == torch_greedy("llama", prompt) and out["kernel"]
     assert out["text"] == words(out["token_ids"]) and out["prompt_tokens"] == 9
     assert out["decode_tokens_per_second"] > 0 and out["stop_reason"] == "max_new_tokens"
 
@@ -133,7 +135,13 @@ def test_cli_chat_template(capsys, tmp_path):
                    "--chat needs a tokenizer with a chat template; this one has none")
     save_tokenizer(folder, chat=True)
     assert main(["generate", str(folder), "--prompt", "w5", "--chat", "--max-new-tokens", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 4  # w1 w5 w2 w3
+    out = json.loads(capsys.readouterr().out)
+    assert_valid(out, "generate")
+    assert out["prompt_tokens"] == 4 and out["decode_steps"] == 1  # w1 w5 w2 w3
+    assert main(["generate", str(folder), "--prompt", "w5", "--max-new-tokens", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert_valid(out, "generate")
+    assert out["decode_tokens_per_second"] is None and not out["kernel"]
 
 
 def one_line_error(capsys, argv, match):

@@ -72,12 +72,13 @@ def run(args: argparse.Namespace, log: Log) -> int:
     result = generate(args.model, _prompt(args), args.tokenizer, args.max_new_tokens, args.chat, args.temperature,
                       args.top_p, args.seed, args.library, args.threads, on_text=None if args.json else stream)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2, allow_nan=True))
+        print(json.dumps(result.to_json(), indent=2))
         return ExitStatus.SUCCESS
     print()
+    rate = result.decode_tokens_per_second
     log(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_seconds * 1000:.1f} ms; "
-        f"{len(result.token_ids)} new tokens, decode {result.decode_tokens_per_second:.1f} tokens/s "
-        f"(stopped: {result.stop_reason})")
+        f"{len(result.token_ids)} new tokens, decode " + (f"{rate:.1f} tokens/s" if rate else "-")
+        + f" (stopped: {result.stop_reason})")
     return ExitStatus.SUCCESS
 
 
