@@ -1,7 +1,8 @@
 """Tiny random causal LMs exported with their KV cache, once per test session (shared by
 test_kv_cache.py and test_generate.py): Llama with grouped-query attention (4 query heads, 2 KV
 heads), GPT-2 and GPT-NeoX, from models/tiny.py's configs, each as a model directory
-(model.onnx, config, tokenizer), in the dynamo eager and SDPA forms."""
+(model.onnx, config, tokenizer), in the dynamo eager and SDPA forms (opset 20: decomposed; 23: the
+``Attention`` op)."""
 
 from __future__ import annotations
 
@@ -63,14 +64,19 @@ def lm_directory(family: str) -> Path:
     return _made[key]
 
 
-def exported_lm(family: str, attn: str = "eager") -> Path:
-    """The model directory ``export -o DIR/ --task text-generation-with-past`` writes."""
+#: form → (attn_implementation, opset) of the dynamo export; SDPA at opset 23 is the ``Attention`` op
+FORMS = {"eager": ("eager", 20), "sdpa": ("sdpa", 20), "sdpa23": ("sdpa", 23)}
+
+
+def exported_lm(family: str, form: str = "eager") -> Path:
+    """The model directory ``export -o DIR/ --task text-generation-with-past`` writes (``FORMS``)."""
     from onnxprune.export import export
 
-    key = ("export", family, attn)
+    key = ("export", family, form)
     if key not in _made:
-        folder = _root() / f"{family}-{attn}"
-        export(lm_directory(family), f"{folder}/", seq_len=EXPORT_LENGTH, attn=attn,
+        folder = _root() / f"{family}-{form}"
+        attn, opset = FORMS[form]
+        export(lm_directory(family), f"{folder}/", seq_len=EXPORT_LENGTH, attn=attn, opset=opset,
                task="text-generation-with-past", log=lambda *a: None)
         _made[key] = folder
     return _made[key]
@@ -80,7 +86,7 @@ def exported_lm(family: str, attn: str = "eager") -> Path:
 CALIBRATION_LENGTH = 32
 
 
-def pruned_lm(family: str, attn: str, sparsity: float) -> Path:
+def pruned_lm(family: str, form: str, sparsity: float) -> Path:
     """The export pruned at ``sparsity`` (block 16) from statistics of random token inputs of
     at most ``CALIBRATION_LENGTH`` tokens, saved beside it."""
     import numpy as np
@@ -91,15 +97,15 @@ def pruned_lm(family: str, attn: str, sparsity: float) -> Path:
     from onnxprune.model_io import read_info, save_model
     from onnxprune.prune import prune
 
-    key = ("pruned", family, attn, sparsity)
+    key = ("pruned", family, form, sparsity)
     if key not in _made:
-        path = exported_lm(family, attn) / "model.onnx"
+        path = exported_lm(family, form) / "model.onnx"
         rng = np.random.default_rng(0)
         examples = [rng.integers(3, tiny.VOCAB, size=n) for n in (CALIBRATION_LENGTH, 27, 20, 31)]
         dataset = Dataset(examples, data_input_names(read_info(path)))
         stats = calibrate(path, dataset, granularity=16, max_length=CALIBRATION_LENGTH, batch_size=2,
                           show_progress=False)
         model, _ = prune(path, stats, sparsity, block_size=16)
-        _made[key] = _root() / f"{family}-{attn}-p{sparsity}.onnx"
+        _made[key] = _root() / f"{family}-{form}-p{sparsity}.onnx"
         save_model(model, _made[key])
     return _made[key]

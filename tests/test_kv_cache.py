@@ -25,8 +25,8 @@ pytest.importorskip("transformers")
 from lm_exports import CALIBRATION_LENGTH, KV_HEADS, exported_lm, pruned_lm  # noqa: E402
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]
-FORMS = ["eager", "sdpa"]
-EXPECTED_FORM = {"eager": "eager-kv-cache", "sdpa": "sdpa-decomposed-kv-cache"}
+FORMS = ["eager", "sdpa", "sdpa23"]
+EXPECTED_FORM = {"eager": "eager-kv-cache", "sdpa": "sdpa-decomposed-kv-cache", "sdpa23": "onnx-attention-kv-cache"}
 
 
 # ---- in-memory graphs: the rule's decisions
@@ -78,6 +78,31 @@ def test_a_concat_of_computed_keys_is_not_a_cache():
     discovery = find_sites(to_ir(cached_attention(past_is_input=False)))
     assert discovery.sites == []
     assert "only one of the keys and values" in discovery.unmatched[0][1]
+
+
+def cached_onnx_attention(is_causal: int):
+    """The opset-23 ``Attention`` op over ``Concat(past, new)`` keys and values."""
+    inputs = [vi("Q", [1, 2, 3, 8]), vi("K_new", [1, 2, 3, 8]), vi("V_new", [1, 2, 3, 8]),
+              vi("past_k", [1, 2, 5, 8]), vi("past_v", [1, 2, 5, 8])]
+    nodes = [
+        helper.make_node("Concat", ["past_k", "K_new"], ["K"], axis=-2),
+        helper.make_node("Concat", ["past_v", "V_new"], ["V"], axis=-2),
+        helper.make_node("Attention", ["Q", "K", "V"], ["Y"], is_causal=is_causal, name="attention"),
+    ]
+    return make_model(nodes, inputs, opset=23)
+
+
+def test_attention_op_over_a_cache_is_the_cache_form():
+    (site,) = find_sites(to_ir(cached_onnx_attention(is_causal=0))).sites
+    assert (site.form, site.queries_at_end, site.k.name, site.v.name) == ("onnx-attention-kv-cache", True, "K", "V")
+
+
+def test_top_left_causal_attention_over_a_cache_is_reported():
+    """The op's ``is_causal`` without its own past input is top-left aligned; ours, with the
+    queries at the end, would be bottom-right: not the same function."""
+    discovery = find_sites(to_ir(cached_onnx_attention(is_causal=1)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [("attention", "causal attention over a KV cache with the causal mask aligned top-left")]
 
 
 # ---- calibration feeds
@@ -167,7 +192,7 @@ def test_prune_at_p0_equals_the_dense_export(family, form, ops_library):
         assert max(np.abs(p - d).max() for p, d in zip(pruned[1:], dense[1:])) < 1e-4
 
 
-@pytest.mark.parametrize("family, form", [("llama", "eager"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize("family, form", [("llama", "eager"), ("gpt2", "sdpa"), ("llama", "sdpa23")])
 def test_kernel_equals_body_at_every_decode_step_beyond_the_calibrated_length(family, form, ops_library):
     """p = 0.6 from inputs of at most 32 tokens; a 20-token prompt and 40 greedy steps reach 60."""
     path = pruned_lm(family, form, 0.6)

@@ -5,7 +5,7 @@ GPT-NeoX, Llama, Qwen2, ... in the eager and SDPA forms):
     [repeat_kv: Reshape(Expand(Unsqueeze(present, 2)))]          (grouped-query attention)
     Kᵀ = Transpose(·, [0, 1, 3, 2])  or  Reshape(Transpose(Reshape(·, 3-D), [0, 2, 1]), 4-D)  (SDPA)
 
-The eager and SDPA rules match the attention itself; ``cache_form`` turns such a site into the
+The eager, SDPA and opset-23 ``Attention`` rules match the attention itself; ``cache_form`` turns such a site into the
 cache form: the op reads the concatenated (present) K and V in their ``Hkv`` heads, and its
 queries are the last ``Sq`` of the ``Sk = past + new`` key positions (``queries_at_end = 1``),
 so the layout's blocks line up with absolute positions during decode.
@@ -86,5 +86,7 @@ def cache_form(site: SiteMatch) -> SiteMatch | str:
         return "only one of the keys and values comes from a KV cache Concat"
     if (key_source is key) != (value_source is site.v):
         return "the keys and values of the KV cache are not grouped alike (repeat_kv on one only)"
+    if site.is_causal:  # the site's causal mask is top-left aligned; with queries at the end the op's is not
+        return "causal attention over a KV cache with the causal mask aligned top-left"
     return dataclasses.replace(site, form=f"{site.form}-kv-cache", k=key_source, k_transposed=None,
                                v=value_source, queries_at_end=True)
