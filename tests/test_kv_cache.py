@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto as T
 from onnx import helper
@@ -18,7 +19,9 @@ from models import tiny
 from onnxprune import op_schema
 from onnxprune.lm_feeds import data_input_names, positions, with_empty_cache
 from onnxprune.model_io import read_info
+from onnxprune.passes.key_padding_mask import is_padding_mask
 from onnxprune.rules import find_sites
+from onnxprune.rules._common import same_dim
 from test_rules import make_model, to_ir, vi
 
 pytest.importorskip("transformers")
@@ -32,8 +35,10 @@ EXPECTED_FORM = {"eager": "eager-kv-cache", "sdpa": "sdpa-decomposed-kv-cache", 
 # ---- in-memory graphs: the rule's decisions
 
 
-def cached_attention(concat_keys: bool = True, concat_values: bool = True, past_is_input: bool = True):
-    """Eager attention over ``Concat(past, new)`` keys/values ``[1, 2, ·, 8]``."""
+def cached_attention(concat_keys: bool = True, concat_values: bool = True, past_is_input: bool = True,
+                     reshaped: bool = False):
+    """Eager attention over ``Concat(past, new)`` keys/values ``[1, 2, ·, 8]`` (``reshaped``:
+    each through a Reshape to its own shape, a path the rule does not follow)."""
     nodes, inputs = [], [vi("Q", [1, 2, 3, 8]), vi("K_new", [1, 2, 3, 8]), vi("V_new", [1, 2, 3, 8])]
     inputs += [vi("past_k", [1, 2, 5, 8]), vi("past_v", [1, 2, 5, 8])]
     if not past_is_input:
@@ -46,13 +51,19 @@ def cached_attention(concat_keys: bool = True, concat_values: bool = True, past_
     if concat_values:
         nodes.append(helper.make_node("Concat", ["past_v", "V_new"], ["V"], axis=2))
         v = "V"
+    initializers = []
+    if reshaped:
+        initializers.append(helper.make_tensor("same_shape", T.INT64, [4], [1, 2, 8, 8]))
+        nodes += [helper.make_node("Reshape", ["K", "same_shape"], ["K_same"]),
+                  helper.make_node("Reshape", ["V", "same_shape"], ["V_same"])]
+        k, v = "K_same", "V_same"
     nodes += [
         helper.make_node("Transpose", [k or "K_new"], ["Kt"], perm=[0, 1, 3, 2]),
         helper.make_node("MatMul", ["Q", "Kt"], ["scores"]),
         helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="the_softmax"),
         helper.make_node("MatMul", ["probs", v or "V_new"], ["Y"]),
     ]
-    return make_model(nodes, inputs)
+    return make_model(nodes, inputs, initializers)
 
 
 def test_concatenated_keys_and_values_are_the_cache_form():
@@ -103,6 +114,21 @@ def test_top_left_causal_attention_over_a_cache_is_reported():
     discovery = find_sites(to_ir(cached_onnx_attention(is_causal=1)))
     assert discovery.sites == []
     assert discovery.unmatched == [("attention", "causal attention over a KV cache with the causal mask aligned top-left")]
+
+
+def test_a_cache_behind_a_path_the_rule_does_not_follow_is_reported_not_misplaced():
+    discovery = find_sites(to_ir(cached_attention(reshaped=True)))
+    assert discovery.sites == []
+    assert discovery.unmatched == [
+        ("the_softmax", "the keys or values come from a KV cache by a path the kv-cache rule does not follow")]
+
+
+def test_symbolic_sums_are_equal_in_any_order():
+    """Shape inference names one size ``past_sequence + sequence`` here, ``sequence +
+    past_sequence`` there (SmolLM2's export, 8 of 30 layers): repeat_kv must still be seen."""
+    assert same_dim(ir.SymbolicDim("past_sequence + sequence"), ir.SymbolicDim("sequence + past_sequence"))
+    assert same_dim(64, 64) and not same_dim(64, 32) and not same_dim(ir.SymbolicDim("a"), ir.SymbolicDim("b"))
+    assert not same_dim(ir.SymbolicDim(None), ir.SymbolicDim(None))
 
 
 # ---- calibration feeds
@@ -205,12 +231,23 @@ def test_kernel_equals_body_at_every_decode_step_beyond_the_calibrated_length(fa
     assert max(np.abs(k - d).max() for k, d in zip(kernel, dense)) > 1e-3  # pruning changed something
 
 
-def test_key_padding_pass_keeps_the_float_mask_of_a_cache_site():
-    """The exporter's mask reads the cache's length (a 4-D input the probe does not feed): the
-    pass declines and each node keeps the float attn_mask the model computes."""
-    for node in attention_nodes(pruned_lm("llama", "eager", 0.0)):
+@pytest.mark.parametrize("form", FORMS)
+def test_the_exporters_cache_mask_becomes_key_padding_and_causal(form):
+    """The exporter's mask (padding + causal over past + new, from ``attention_mask`` and the
+    cache's length) is probed with cached positions too: each node takes ``attention_mask`` as
+    its key-padding mask and ``is_causal`` (bottom-right, as its queries are at the end)."""
+    for node in attention_nodes(pruned_lm("llama", form, 0.0)):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        assert node.input[4] and attrs["is_causal"] == 0
+        assert (node.input[4], node.input[5], attrs["is_causal"], attrs["queries_at_end"]) == ("", "attention_mask", 1, 1)
+
+
+def test_causal_probe_is_bottom_right_with_fewer_queries_than_keys():
+    keep = np.ones((1, 5), bool)
+    bottom_right = np.where(np.tri(2, 5, k=3, dtype=bool), 0.0, -np.inf)[None, None]
+    top_left = np.where(np.tri(2, 5, k=0, dtype=bool), 0.0, -np.inf)[None, None]
+    assert is_padding_mask(bottom_right, keep, causal=True, queries=2)
+    assert not is_padding_mask(top_left, keep, causal=True, queries=2)
+    assert not is_padding_mask(bottom_right, keep, causal=False, queries=2)
 
 
 def test_calibrate_command_reads_text_for_a_with_past_model(tmp_path):

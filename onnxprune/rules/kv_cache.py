@@ -17,12 +17,10 @@ import dataclasses
 
 import onnx_ir as ir
 
-from onnxprune.rules._common import SiteMatch, grouped_source, rank_of, transposed_key
+from onnxprune.rules._common import SiteMatch, grouped_source, rank_of, same_dim, transposed_key
 
-
-def _dim(value: ir.Value, axis: int):
-    dim = value.shape[axis]
-    return dim if isinstance(dim, int) else getattr(dim, "value", None)
+#: Ops between a cache Concat and the attention that only move or repeat its values.
+_LAYOUT_OPS = ("Reshape", "Expand", "Unsqueeze", "Transpose")
 
 
 def _is_op(node: ir.Node | None, op_type: str) -> bool:
@@ -38,6 +36,18 @@ def cache_concat(value: ir.Value) -> bool:
     axis = node.attributes.get("axis")
     past = node.inputs[0]
     return axis is not None and axis.as_int() in (2, -2) and past is not None and past.is_graph_input()
+
+
+def reaches_cache(value: ir.Value, steps: int = 6) -> bool:
+    """Whether ``value`` is a cache ``Concat`` moved or repeated by a few layout ops."""
+    for _ in range(steps):
+        if cache_concat(value):
+            return True
+        node = value.producer()
+        if node is None or node.op_type not in _LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
+            return False
+        value = node.inputs[0]
+    return False
 
 
 def untransposed_key(k_transposed: ir.Value) -> ir.Value | None:
@@ -64,7 +74,7 @@ def untransposed_key(k_transposed: ir.Value) -> ir.Value | None:
     # The same tensor, transposed: [B, H, Sk, D] → [·, Sk, D] → [B, H, D, Sk], every axis accounted for.
     same = [(key, 2, flat, 1), (key, 3, flat, 2), (key, 0, k_transposed, 0), (key, 1, k_transposed, 1),
             (key, 3, k_transposed, 2), (key, 2, k_transposed, 3)]
-    if not all(_dim(a, i) is not None and _dim(a, i) == _dim(b, j) for a, i, b, j in same):
+    if not all(same_dim(a.shape[i], b.shape[j]) for a, i, b, j in same):
         return None
     return key
 
@@ -74,13 +84,13 @@ def cache_form(site: SiteMatch) -> SiteMatch | str:
     when neither is; a reason when the cache is there but not in a form the op can take."""
     key = site.k if site.k is not None else untransposed_key(site.k_transposed)
     value_source = grouped_source(site.v)
-    if key is None:
-        if cache_concat(value_source):
-            return "the values come from a KV cache, the keys by a path the kv-cache rule does not follow"
-        return site
-    key_source = grouped_source(key)
-    key_cached, value_cached = cache_concat(key_source), cache_concat(value_source)
+    key_source = grouped_source(key) if key is not None else None
+    key_cached = key_source is not None and cache_concat(key_source)
+    value_cached = cache_concat(value_source)
     if not key_cached and not value_cached:
+        # A cache behind a path not followed above: its queries would be misplaced as a plain site.
+        if reaches_cache(site.k if site.k is not None else site.k_transposed) or reaches_cache(site.v):
+            return "the keys or values come from a KV cache by a path the kv-cache rule does not follow"
         return site
     if not (key_cached and value_cached):
         return "only one of the keys and values comes from a KV cache Concat"
