@@ -145,6 +145,13 @@ def test_with_empty_cache_adds_positions_and_an_empty_cache():
         (2, KV_HEADS["llama"], 0, tiny.HIDDEN // tiny.HEADS)}
 
 
+def test_feeds_of_a_model_without_a_cache_are_unchanged(tmp_path):
+    path = tmp_path / "plain.onnx"
+    onnx.save(cached_attention(concat_keys=False, concat_values=False), str(path))
+    feeds = {"Q": np.zeros((1, 2, 3, 8), np.float32)}
+    assert with_empty_cache(read_info(path), feeds) is feeds
+
+
 def test_positions_of_the_last_tokens():
     np.testing.assert_array_equal(positions(np.array([[0, 1, 1, 1, 1]]), 2), [[2, 3]])
 
