@@ -5,4 +5,5 @@ from onnxprune.commands import bench, calibrate, demo, export, generate, inspect
 from onnxprune.commands.base import Verb
 
 #: In the order ``onnxprune --help`` lists them: the pipeline's, then the extras.
-VERBS: tuple[Verb, ...] = tuple(m.VERB for m in (export, calibrate, prune, inspect, verify, bench, generate, demo, recover))
+VERBS: tuple[Verb, ...] = tuple(m.VERB for m in (export, calibrate, prune, inspect, verify, bench, generate, demo,
+                                                 recover))

@@ -5,8 +5,8 @@ GPT-NeoX, Llama, Qwen2, ... in the eager and SDPA forms):
     [repeat_kv: Reshape(Expand(Unsqueeze(present, 2)))]          (grouped-query attention)
     Kᵀ = Transpose(·, [0, 1, 3, 2])  or  Reshape(Transpose(Reshape(·, 3-D), [0, 2, 1]), 4-D)  (SDPA)
 
-The eager, SDPA and opset-23 ``Attention`` rules match the attention itself; ``cache_form`` turns such a site into the
-cache form: the op reads the concatenated (present) K and V in their ``Hkv`` heads, and its
+The eager, SDPA and opset-23 ``Attention`` rules match the attention itself; ``cache_form``
+turns such a site into the cache form: the op reads the concatenated (present) K and V in their ``Hkv`` heads, and its
 queries are the last ``Sq`` of the ``Sk = past + new`` key positions (``queries_at_end = 1``),
 so the layout's blocks line up with absolute positions during decode.
 """
