@@ -5,6 +5,8 @@ Tiny random causal LMs exported with their cache (tests/lm_exports.py)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ torch = pytest.importorskip("torch")
 from lm_exports import causal_lm, exported_lm, pruned_lm, save_tokenizer  # noqa: E402
 
 NEW_TOKENS = 32
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def prompt_ids(length: int, seed: int = 0) -> list[int]:
@@ -194,3 +197,23 @@ def test_a_cache_of_the_wrong_shape_is_one_clear_error():
     with pytest.raises(OnnxpruneError, match=r"cache past_key_values.1.value has shape \[1, 4, 0, 8\]; "
                                              r"the model takes \[1, 2, past_sequence, 8\]"):
         lm.step(np.array([[5]]), np.ones((1, 1), np.int64), cache)
+
+
+@pytest.mark.skipif(not os.environ.get("ONNXPRUNE_OPTIMUM_PYTHON"),
+                    reason="ONNXPRUNE_OPTIMUM_PYTHON names no python with optimum-onnx (tools/optimum_generate.py)")
+def test_optimum_client_generates_our_tokens(tmp_path, ops_library):
+    """Optimum's ORTModelForCausalLM (its own environment) drives the dense and the pruned
+    (p = 0.5) exports to the tokens of ``generate_ids``."""
+    import shutil
+    import subprocess
+
+    prompt = prompt_ids(9)
+    for name, path in (("dense", exported_lm("llama") / "model.onnx"), ("pruned", pruned_lm("llama", "eager", 0.5))):
+        folder = tmp_path / name
+        shutil.copytree(exported_lm("llama"), folder)
+        shutil.copyfile(path, folder / "model.onnx")
+        out = subprocess.run([os.environ["ONNXPRUNE_OPTIMUM_PYTHON"], str(TOOLS / "optimum_generate.py"), str(folder),
+                              "--library", ops_library, "--prompt-ids", *map(str, prompt), "--max-new-tokens",
+                              str(NEW_TOKENS)], capture_output=True, text=True, check=True).stdout
+        expected = generate_ids(CausalLM(folder / "model.onnx"), [prompt], NEW_TOKENS).token_ids[0]
+        assert json.loads(out.splitlines()[-1])["token_ids"] == expected
