@@ -26,6 +26,7 @@ from onnxprune import op_schema
 from onnxprune.data import Dataset
 from onnxprune.errors import OnnxpruneError
 from onnxprune.layouts import Layouts, SiteLayout
+from onnxprune.lm_feeds import with_empty_cache
 from onnxprune.model_io import LoadedModel, ModelInfo, load_model
 from onnxprune.progress import counter
 from onnxprune.rules import SiteMatch, decompose_fused_attention, find_sites
@@ -214,6 +215,7 @@ class _Runner:
 
     def __init__(self, loaded: LoadedModel, granularity: int, threads: int | None):
         self.granularity = granularity
+        self.info = loaded.info
         self.sites = _discover(loaded)
         try:
             # The library is needed here only: without it (or where the rewrite does not take a
@@ -229,7 +231,7 @@ class _Runner:
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], valid: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        outputs = self.sess.run(self.names, feeds)
+        outputs = self.sess.run(self.names, with_empty_cache(self.info, feeds))  # a with-past LM: no past
         if self.statistics_form:
             # Summed over the batch here: each input's sums do not depend on its batch.
             return [(pooled.sum(axis=0), int(sq[0])) for pooled, sq in zip(outputs[0::2], outputs[1::2])]

@@ -105,7 +105,7 @@ def test_bench_side_by_side(workspace, capsys):
     assert "model.onnx" in out and "pruned.onnx" in out
 
 
-VERBS = ("export", "calibrate", "prune", "inspect", "verify", "bench", "demo", "recover", "stats")
+VERBS = ("export", "calibrate", "prune", "inspect", "verify", "bench", "generate", "demo", "recover", "stats")
 
 
 @pytest.mark.parametrize("verb", VERBS)

@@ -79,8 +79,9 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool = True, stream
 def load_inputs(args: argparse.Namespace, info):
     """The ``Dataset`` that ``add_data_arguments``' options name, for the model ``info`` describes."""
     from onnxprune.data import load_dataset
+    from onnxprune.lm_feeds import data_input_names
 
-    return load_dataset(args.data, info.input_names, args.tokenizer, args.max_length, limit=args.limit,
+    return load_dataset(args.data, data_input_names(info), args.tokenizer, args.max_length, limit=args.limit,
                         text_field=args.text_field)
 
 

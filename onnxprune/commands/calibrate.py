@@ -11,6 +11,7 @@ from onnxprune.data import (check_text_inputs, chunked, is_text_source, npz_exam
                             tokenizer_file, tokenizer_from_json)
 from onnxprune.distributed import SHARD_EXAMPLES, ShardSpec, calibrate_sharded
 from onnxprune.errors import OnnxpruneError
+from onnxprune.lm_feeds import data_input_names
 from onnxprune.model_io import load_model, read_info
 
 EXAMPLES = """\
@@ -56,19 +57,19 @@ def run(args: argparse.Namespace, log: Log) -> int:
     info = loaded.info if loaded else read_info(args.model)
     tokenizer_json, total = None, args.limit
     if is_text_source(args.data):
-        check_text_inputs(args.data, info.input_names, args.tokenizer)
+        check_text_inputs(args.data, data_input_names(info), args.tokenizer)
         file = tokenizer_file(args.tokenizer)
         tokenizer_json = file.read_text(encoding="utf-8")
         tokenizer_from_json(tokenizer_json, str(file))  # an unreadable one is refused here, not by each worker
         examples = read_texts(args.data, args.text_field, args.limit, args.shuffle_seed)
     else:
-        examples = npz_examples(args.data, info.input_names)
+        examples = npz_examples(args.data, data_input_names(info))
         if args.shuffle_seed is not None:
             examples = shuffled(examples, args.shuffle_seed)
         examples = list(examples)[: args.limit]
         total = len(examples)
     granularity = default_granularity(args.max_length) if args.granularity is None else args.granularity
-    spec = ShardSpec(str(args.model), tuple(info.input_names), tokenizer_json, granularity, args.max_length,
+    spec = ShardSpec(str(args.model), tuple(data_input_names(info)), tokenizer_json, granularity, args.max_length,
                      args.batch_size, args.threads)
     stats = calibrate_sharded(spec, chunked(examples, args.shard_size), workers=args.workers,
                               address=args.ray_address, total=total, show_progress=not args.quiet,

@@ -22,13 +22,18 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.layouts import attention_nodes
+from onnxprune.lm_feeds import PAST_INPUT
 
 #: The graph input that carries the padding, by the transformers convention.
 PADDING_INPUT = "attention_mask"
 #: An additive fill at or below this gives probability exactly 0 in float32 (exp underflows).
 HUGE_NEGATIVE = -1e30
 
-_PROBE_LENGTHS = (5, 11)
+#: (new positions, cached positions) per probe. A model with a KV cache (``past_key_values.*``
+#: inputs, its attention ``queries_at_end``) is also probed with a past, where the causal part
+#: must be bottom-right aligned: the query at new position ``i`` sees keys up to ``past + i``.
+_PROBE_LENGTHS = ((5, 0), (11, 0))
+_CACHE_PROBE_LENGTHS = (*_PROBE_LENGTHS, (1, 6), (4, 9))
 _PROBE_BATCH = 3
 
 
@@ -45,7 +50,10 @@ class KeyPaddingMaskPass(ir.passes.InPlacePass):
         if any(m is None or m.producer() is None for m in masks):
             # no mask, or one that is a graph input or a constant: nothing to gain or know
             return ir.passes.PassResult(model, False)
-        kinds = _mask_kinds(model, list(dict.fromkeys(masks)))
+        at_end = {_attribute(n, "queries_at_end") for n in nodes}
+        if len(at_end) != 1:
+            return ir.passes.PassResult(model, False)
+        kinds = _mask_kinds(model, list(dict.fromkeys(masks)), queries_at_end=at_end.pop() == 1)
         if kinds is None or any(kinds[m] is None for m in masks):
             return ir.passes.PassResult(model, False)
         for node, mask in zip(nodes, masks):
@@ -55,6 +63,11 @@ class KeyPaddingMaskPass(ir.passes.InPlacePass):
             if kinds[mask] == "padding+causal":
                 node.attributes["is_causal"] = ir.AttrInt64("is_causal", 1)
         return ir.passes.PassResult(model, True)
+
+
+def _attribute(node: ir.Node, name: str) -> int:
+    attribute = node.attributes.get(name)
+    return 0 if attribute is None else attribute.as_int()
 
 
 def mask_subgraph(model: ir.Model, outputs: list[ir.Value]) -> onnx.ModelProto | None:
@@ -94,9 +107,11 @@ def mask_subgraph(model: ir.Model, outputs: list[ir.Value]) -> onnx.ModelProto |
     return proto
 
 
-def _mask_kinds(model: ir.Model, masks: list[ir.Value]) -> dict[ir.Value, str | None] | None:
+def _mask_kinds(model: ir.Model, masks: list[ir.Value], queries_at_end: bool = False
+                ) -> dict[ir.Value, str | None] | None:
     """For each mask value: "padding", "padding+causal" or None, from probe runs of the masks'
-    subgraph; None when the subgraph cannot be run on probe inputs at all."""
+    subgraph; None when the subgraph cannot be run on probe inputs at all. A subgraph that reads
+    a KV cache input is probed with cached positions too, and only for ``queries_at_end`` sites."""
     import onnxruntime as ort
 
     sub = mask_subgraph(model, masks)
@@ -111,14 +126,23 @@ def _mask_kinds(model: ir.Model, masks: list[ir.Value]) -> dict[ir.Value, str | 
     names = [m.name for m in masks]
     kinds: dict[str, set[str]] = {name: {"padding", "padding+causal"} for name in names}
     rng = np.random.default_rng(0)
-    for length in _PROBE_LENGTHS:
-        keep = _probe_padding(rng, length)
+    cached = {i.name for i in sess.get_inputs() if PAST_INPUT.match(i.name)}
+    if cached and not queries_at_end:
+        return None  # a cache read by sites whose queries start at 0: not a form we know
+    for new, past in _CACHE_PROBE_LENGTHS if cached else _PROBE_LENGTHS:
+        keep = _probe_padding(rng, past + new)
         feeds = {}
         for graph_input in sess.get_inputs():
+            if graph_input.name in cached:
+                feeds[graph_input.name] = _empty_cache_probe(graph_input, past)
+                if feeds[graph_input.name] is None:
+                    return None
+                continue
             dtype = _numpy_dtype(graph_input.type)
             if dtype is None or not _is_batch_by_length(graph_input.shape):
                 return None  # an input we cannot probe (images, extra axes)
-            feeds[graph_input.name] = keep.astype(dtype) if graph_input.name == PADDING_INPUT else np.zeros(keep.shape, dtype)
+            feeds[graph_input.name] = (keep.astype(dtype) if graph_input.name == PADDING_INPUT
+                                       else np.zeros((_PROBE_BATCH, new), dtype))
         if PADDING_INPUT not in feeds:
             return dict.fromkeys(masks)  # the masks do not depend on the padding
         try:
@@ -126,7 +150,8 @@ def _mask_kinds(model: ir.Model, masks: list[ir.Value]) -> dict[ir.Value, str | 
         except Exception:  # noqa: BLE001 - the subgraph rejects probe inputs: keep the masks
             return None
         for name, value in zip(names, values):
-            kinds[name] = {k for k in kinds[name] if is_padding_mask(value, keep, causal=k == "padding+causal")}
+            kinds[name] = {k for k in kinds[name]
+                           if is_padding_mask(value, keep, causal=k == "padding+causal", queries=new)}
     # "padding" is preferred when both fit (a mask that is the same for every query).
     return {mask: ("padding" if "padding" in kinds[name] else next(iter(kinds[name]), None))
             for mask, name in zip(masks, names)}
@@ -140,21 +165,32 @@ def _probe_padding(rng, length: int) -> np.ndarray:
     return keep
 
 
-def is_padding_mask(mask: np.ndarray, keep: np.ndarray, causal: bool) -> bool:
+def is_padding_mask(mask: np.ndarray, keep: np.ndarray, causal: bool, queries: int | None = None) -> bool:
     """Whether ``mask`` (additive or bool) keeps exactly the keys ``keep`` marks (and, ``causal``,
-    no key after its query), with fills that make a probability exactly 0."""
+    no key after its query), with fills that make a probability exactly 0. ``queries``: the
+    number of queries, the last of the keys' positions (default: as many as keys)."""
     batch, length = keep.shape
+    queries = length if queries is None else queries
     if mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
         return False
-    if mask.shape[2] not in (1, length) or mask.shape[3] != length:
+    if mask.shape[2] not in (1, queries) or mask.shape[3] != length:
         return False
-    allowed = np.broadcast_to(keep[:, None, None, :], (batch, 1, length, length))
-    if causal:
-        allowed = allowed & np.tril(np.ones((length, length), bool))
-    full = np.broadcast_to(mask, (batch, 1, length, length))
+    allowed = np.broadcast_to(keep[:, None, None, :], (batch, 1, queries, length))
+    if causal:  # bottom-right: query i is at position i + length - queries
+        allowed = allowed & np.tri(queries, length, k=length - queries, dtype=bool)
+    full = np.broadcast_to(mask, (batch, 1, queries, length))
     if mask.dtype == np.bool_:
         return bool(np.array_equal(full, allowed))
     return bool(np.all(full[allowed] == 0) and np.all(full[~allowed] <= HUGE_NEGATIVE))
+
+
+def _empty_cache_probe(cache_input, past: int) -> np.ndarray | None:
+    """Zeros for a cache input ``[batch, heads, past, head_size]`` with ``past`` positions."""
+    shape = cache_input.shape
+    if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        return None
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(cache_input.type)
+    return None if dtype is None else np.zeros((_PROBE_BATCH, shape[1], past, shape[3]), dtype)
 
 
 def _numpy_dtype(ort_type: str):

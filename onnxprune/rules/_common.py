@@ -46,6 +46,8 @@ class SiteMatch:
     #: A fused ONNX Runtime op (``q``/``k``/``v`` are its packed inputs): ``decompose_fused_attention``
     #: turns it into the eager form before calibration and the rewrite.
     fused: bool = False
+    #: The queries are the last ``Sq`` of the ``Sk`` key positions (a KV cache: ``rules/kv_cache.py``).
+    queries_at_end: bool = False
 
     @property
     def num_heads(self) -> int | None:
@@ -133,6 +135,18 @@ def _int_or_symbol(dim):
     return dim if isinstance(dim, int) else getattr(dim, "value", None)
 
 
+def same_dim(a, b) -> bool:
+    """Whether two known axis sizes are equal: the same number, or the same symbol. A symbolic
+    sum matches its terms in any order: shape inference writes ``past_sequence + sequence`` for
+    one tensor and ``sequence + past_sequence`` for another of the same size."""
+    a, b = _int_or_symbol(a), _int_or_symbol(b)
+    if a is None or b is None:
+        return False
+    if isinstance(a, str) and isinstance(b, str):
+        return sorted(t.strip() for t in a.split("+")) == sorted(t.strip() for t in b.split("+"))
+    return a == b
+
+
 def grouped_source(value: ir.Value) -> ir.Value:
     """The ``[B, Hkv, S, D]`` tensor behind ``repeat_kv`` (Llama, Qwen, ...), else ``value``.
 
@@ -155,12 +169,11 @@ def grouped_source(value: ir.Value) -> ir.Value:
     if len(source.shape) != 4 or len(expanded.shape) != 5 or value.shape is None or len(value.shape) != 4:
         return value
     # Every axis but the new one is the source's, and the result merges exactly (Hkv, G).
-    same = [_int_or_symbol(source.shape[i]) == _int_or_symbol(expanded.shape[j]) is not None
-            for i, j in ((1, 1), (2, 3), (3, 4))]
+    same = [same_dim(source.shape[i], expanded.shape[j]) for i, j in ((1, 1), (2, 3), (3, 4))]
     hkv, group, merged = (_int_or_symbol(d) for d in (expanded.shape[1], expanded.shape[2], value.shape[1]))
     if not all(same) or not all(isinstance(d, int) for d in (hkv, group, merged)) or hkv * group != merged:
         return value
-    if _int_or_symbol(value.shape[3]) != _int_or_symbol(source.shape[3]):
+    if not same_dim(value.shape[3], source.shape[3]):
         return value
     return source
 
@@ -201,9 +214,8 @@ def emit_block_sparse_attention(op, site: SiteMatch, layouts: Layouts) -> ir.Val
         block_size=layouts.block_size,
         scale=float(site.scale),
         is_causal=int(site.is_causal),
-        # Queries start at position 0 in the graphs the rules match (no KV cache); explicit, as
-        # onnx.reference does not apply a function's attribute defaults.
-        queries_at_end=0,
+        # Always explicit: onnx.reference does not apply a function's attribute defaults.
+        queries_at_end=int(site.queries_at_end),
         _domain=op_schema.DOMAIN,
     )
 

@@ -16,6 +16,7 @@ from onnxscript.rewriter import pattern
 from onnxprune.rules._fused_attention import FORM_KEY
 from onnxprune.rules._common import SiteMatch, check_qkv, node_name, scalar_constant, scale_factor
 from onnxprune.rules._site_rule import SiteRule
+from onnxprune.rules.kv_cache import cache_form
 
 
 def float_casts(op, probs):
@@ -102,7 +103,7 @@ class EagerAttention(SiteRule):
         scale = scale_factor(qk_scaling, qk_scale)
         if scale is None:
             return "scale is not a constant"
-        return SiteMatch(
+        return cache_form(SiteMatch(
             name=node_name(probs),
             # A site decomposed from a fused op keeps the fused op's form.
             form=probs.producer().metadata_props.get(FORM_KEY, self.form),
@@ -115,4 +116,4 @@ class EagerAttention(SiteRule):
             mask_addends=[second_mask] if additive_terms == 2 else [],
             fill_mask=(fill_condition, fill_value) if filled else None,
             probs=probs,
-        )
+        ))

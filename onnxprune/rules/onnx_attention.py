@@ -1,13 +1,16 @@
 """The standard ONNX ``Attention`` op (opset 23), as the dynamo exporter emits it for SDPA.
 
 Matched when Q, K, V are 4-D (``[B, H, S, D]``), there is no KV cache input, no soft-capping, and
-only the main output is used. Its ``is_causal`` is top-left aligned like the op's.
+only the main output is used. Its ``is_causal`` is top-left aligned like the op's. K and V
+concatenated from a cache input before the op (the dynamo exporter's SDPA at opset 23) are the
+cache form (``kv_cache.py``).
 """
 
 from __future__ import annotations
 
 from onnxprune.rules._common import SiteMatch, check_qkv, default_scale, node_name
 from onnxprune.rules._site_rule import SiteRule
+from onnxprune.rules.kv_cache import cache_form
 
 
 class OnnxAttention(SiteRule):
@@ -35,7 +38,7 @@ class OnnxAttention(SiteRule):
         if scale is None:
             return "head size unknown and no scale attribute"
         is_causal = attrs.get("is_causal") is not None and attrs["is_causal"].as_int() != 0
-        return SiteMatch(
+        return cache_form(SiteMatch(
             name=node_name(attention_out),
             form=self.form,
             q=q,
@@ -45,4 +48,4 @@ class OnnxAttention(SiteRule):
             scale=scale,
             mask=mask if self.has_mask else None,
             is_causal=is_causal,
-        )
+        ))

@@ -14,6 +14,7 @@ from onnxscript.rewriter import pattern
 
 from onnxprune.rules._common import SiteMatch, check_qkv, node_name, scalar_constant, scale_factor
 from onnxprune.rules._site_rule import SiteRule
+from onnxprune.rules.kv_cache import cache_form
 from onnxprune.rules.eager_attention import softmax_axis_is_last
 
 
@@ -47,7 +48,7 @@ class SdpaDecomposedAttention(SiteRule):
         sq, sk = scale_factor(q_scaling, q_scale), scale_factor(k_scaling, k_scale)
         if sq is None or sk is None:
             return "scale is not a constant"
-        return SiteMatch(
+        return cache_form(SiteMatch(
             name=node_name(probs),
             form=self.form,
             q=q,
@@ -57,4 +58,4 @@ class SdpaDecomposedAttention(SiteRule):
             scale=sq * sk,
             mask=mask if has_mask else None,
             probs=probs,
-        )
+        ))
