@@ -74,7 +74,7 @@ def _sites(stats: Stats, block_size: int, causal_sites: set[str] | None) -> dict
     sites = {}
     for name in stats.sites:
         mass = block_sum(stats.sums[name], ratio)
-        causal = name in (causal_sites or ()) or looks_causal(stats, name)
+        causal = bool(name in (causal_sites or ()) or looks_causal(stats, name))
         sites[name] = _Site(mass, block_weights(stats.lengths, *mass.shape[1:], block_size, causal), causal)
     return sites
 
