@@ -18,8 +18,8 @@ models and lengths; with --json the rows are kept there and a rerun skips those 
 
 With --stats, the first model (the dense export that was calibrated) is also pruned by each of
 --methods at each of --densities (files cached under build/eval_lm/pruned/), so that every method
-is compared at the same budget: ``select`` (the default selection), ``ap``, ``duo`` (sink and
-window --sink tokens each) and ``streaming`` (the widest StreamingLLM band, with --sink tokens
+is compared at the same budget: ``select`` (the default selection), ``ap``, ``duo`` (streaming
+heads: --sink tokens of sinks and the diagonal) and ``streaming`` (the widest StreamingLLM band, with --sink tokens
 of sinks, that keeps no more than the density; with none, the diagonal alone). "kept" is the
 share of the blocks dense attention computes that the model computes, on the calibration lengths
 and at the row's length (where the rule continues the layout).
@@ -219,8 +219,7 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path]]:
                     sink, window = streaming_window(stats, density, args.block_size, args.sink)
                     choice = dict(method=None, pattern="streaming", sink_tokens=sink, window_tokens=window)
                 elif method == "duo":
-                    choice = dict(method=None, pattern="duo", density=density, sink_tokens=args.sink,
-                                  window_tokens=args.sink)
+                    choice = dict(method=None, pattern="duo", density=density, sink_tokens=args.sink)
                 else:
                     choice = dict(method=method, density=density)
                 log(f"pruning: {method} at density {density:g}")
