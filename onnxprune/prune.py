@@ -65,12 +65,14 @@ def prune(
     pattern: str | None = None,
     sink_tokens: int = 0,
     window_tokens: int = 0,
+    full_heads: int = 0,
 ) -> tuple[ir.Model, PruneReport]:
     """The pruned model (in memory) and its report. ``save_model`` writes it.
 
     ``sparsity`` p is ``density`` 1 − p (give one). ``method``: ``ap`` (this function's default,
     as before) or ``select`` (the CLI's default); or, with ``method=None``, a baseline
-    ``pattern`` (``streaming``, ``duo``) of ``sink_tokens`` and ``window_tokens``."""
+    ``pattern`` (``streaming``, ``duo``) of ``sink_tokens`` and ``window_tokens``. ``full_heads``:
+    ``select`` keeps that many heads per site full (for retrieval far back)."""
     if sparsity is not None and density is not None:
         raise OnnxpruneError("give --density or --sparsity, not both")
     if sparsity is not None:
@@ -92,7 +94,8 @@ def prune(
     causal = {s.name for s in discovery.sites if s.is_causal}
     learned = dataclasses.replace(
         learn(stats, block_size, causal, method=method, pattern=pattern, density=density,
-              sink_tokens=sink_tokens, window_tokens=window_tokens, scope=scope, keep_diagonal=keep_diagonal),
+              sink_tokens=sink_tokens, window_tokens=window_tokens, scope=scope, keep_diagonal=keep_diagonal,
+              full_heads=full_heads),
         stats_sha256=stats_sha256, onnxprune_version=__version__,
     )
     prune_passes(learned)(model)

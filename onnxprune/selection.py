@@ -143,9 +143,13 @@ def _budget(sites: dict[str, _Site], density: float) -> float:
 
 
 def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_sites: set[str] | None = None,
-                   fill: bool = True) -> Layouts:
+                   fill: bool = True, full_heads: int = 0) -> Layouts:
     """Per head, the pattern (sinks + band, or full) that together drop the least calibration
-    mass within ``density`` of the dense blocks; leftover budget (``fill``) buys single blocks."""
+    mass within ``density`` of the dense blocks; leftover budget (``fill``) buys single blocks.
+
+    ``full_heads`` per site are kept full first: those that drop the most mass under one sink
+    block and the diagonal. Mass alone never buys them — a band near the diagonal recovers more
+    mass per block — yet retrieval far back (a passkey) needs them."""
     check_density(density)
     sites = _sites(stats, block_size, causal_sites)
     if density == 1.0:  # dense: every head full, also beyond the grid
@@ -157,8 +161,11 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
         total = site.mass.sum(axis=(1, 2))
         kept = np.einsum("hij,cij->hc", site.mass, masks.astype(float))
         loss = 1.0 - np.divide(kept, total[:, None], out=np.ones_like(kept), where=total[:, None] > 0)
+        streaming = rules.index(band_rule(1, 0, site.causal)) if band_rule(1, 0, site.causal) in rules else 0
+        forced = set(np.argsort(-loss[:, streaming], kind="stable")[:full_heads].tolist())
         for h in range(site.mass.shape[0]):
-            heads.append((name, h, rules, masks, cost, loss[h], _hull(cost, loss[h])))
+            hull = [len(rules) - 1] if h in forced else _hull(cost, loss[h])
+            heads.append((name, h, rules, masks, cost, loss[h], hull))
     spent = sum(cost[hull[0]] for *_, cost, _, hull in heads)
     budget = _budget(sites, density)
     steps = []  # (loss decrease per block, head index, position on its hull)
@@ -262,7 +269,7 @@ def head_picture(layouts: Layouts) -> dict[str, list[str]]:
 
 def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *, method: str | None = "select",
           pattern: str | None = None, density: float | None = None, sink_tokens: int = 0, window_tokens: int = 0,
-          scope: str = "layer", keep_diagonal: bool = True) -> Layouts:
+          scope: str = "layer", keep_diagonal: bool = True, full_heads: int = 0) -> Layouts:
     """The layouts of one named method (``method``) or baseline pattern (``pattern``), the one
     entry point ``prune`` uses: ``select`` and ``duo`` and ``ap`` meet ``density``; ``streaming``
     is what ``sink_tokens`` and ``window_tokens`` say (rounded up to whole blocks)."""
@@ -284,7 +291,7 @@ def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *
     if pattern == "duo":
         return duo_layouts(stats, density, sinks, window, block_size, causal_sites)
     if method == "select":
-        return select_layouts(stats, density, block_size, causal_sites)
+        return select_layouts(stats, density, block_size, causal_sites, full_heads=full_heads)
     causal = set(causal_sites or ())
     learned = learn_layouts(stats, 1.0 - density if density < 1.0 else 0.0, block_size, scope, keep_diagonal, causal)
     for name, site in learned.sites.items():

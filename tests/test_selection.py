@@ -141,3 +141,11 @@ def test_tokens_round_up_to_blocks():
 def test_below_the_diagonals_the_selection_keeps_the_diagonals():
     learned = select_layouts(mixed_stats(), 0.1, block_size=G)
     assert (learned.sites["s"].layout.astype(bool) == np.eye(M, dtype=bool)).all()
+
+
+def test_full_heads_per_site_come_first_and_are_the_far_ones():
+    stats = causal_stats(np.stack([local_head(), far_head(), local_head(), far_head() * 0.5 + local_head() * 0.5]))
+    learned = select_layouts(stats, 0.5, block_size=G, full_heads=1)
+    picture = head_picture(learned)["s"]
+    assert picture[1].startswith("full") and sum(w.startswith("full") for w in picture) >= 1
+    assert 1.0 - learned.effective_sparsity <= 0.5 + 1e-9

@@ -213,7 +213,8 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path]]:
     models = []
     for method in args.methods:
         for density in args.densities:
-            path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{method}-{density:g}.onnx"
+            label = f"{method}-f{args.full_heads}" if method == "select" and args.full_heads else method
+            path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{label}-{density:g}.onnx"
             if not path.is_file():
                 if method == "streaming":
                     sink, window = streaming_window(stats, density, args.block_size, args.sink)
@@ -221,12 +222,13 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path]]:
                 elif method == "duo":
                     choice = dict(method=None, pattern="duo", density=density, sink_tokens=args.sink)
                 else:
-                    choice = dict(method=method, density=density)
+                    choice = dict(method=method, density=density,
+                                  full_heads=args.full_heads if method == "select" else 0)
                 log(f"pruning: {method} at density {density:g}")
                 model, _ = prune(dense, stats, block_size=args.block_size, stats_sha256=stats_sha, **choice)
                 PRUNED_DIR.mkdir(parents=True, exist_ok=True)
                 save_model(model, path)
-            models.append((f"{method}@{density:g}", path))
+            models.append((f"{label}@{density:g}", path))
     return models
 
 
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --stats: kept shares (default 0.15 0.25 0.35)")
     p.add_argument("--block-size", type=int, default=64, help="with --stats (default 64)")
     p.add_argument("--sink", type=int, default=64, help="with --stats: sink tokens of streaming and duo (default 64)")
+    p.add_argument("--full-heads", type=int, default=0, help="with --stats: select's full heads per site (default 0)")
     args = p.parse_args(argv)
     try:
         rows = run(args)

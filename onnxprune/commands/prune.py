@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=non_negative, default=64, help="pattern sink tokens, rounded up to blocks (default 64)")
     p.add_argument("--window", type=non_negative, default=64,
                    help="pattern tokens before the diagonal block, rounded up to blocks (default 64)")
+    p.add_argument("--full-heads", type=non_negative, default=0,
+                   help="select: heads per site kept full first, those with the most mass beyond one sink block and "
+                        "the diagonal (retrieval far back needs some; default 0)")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=16, help="block side (default 16)")
     p.add_argument("--scope", choices=SCOPES, default="layer", help="AP's threshold scope (default layer)")
     p.add_argument("--no-keep-diagonal", action="store_true", help="AP: allow pruning diagonal blocks")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
     model, report = prune(args.model, stats, block_size=args.block_size, scope=args.scope,
                           keep_diagonal=not args.no_keep_diagonal, stats_sha256=file_sha256(args.stats),
                           density=density, method=method, pattern=args.pattern,
-                          sink_tokens=args.sink, window_tokens=args.window)
+                          sink_tokens=args.sink, window_tokens=args.window, full_heads=args.full_heads)
     save_model(model, args.output)
     if args.report:
         with atomic_path(args.report) as tmp:
