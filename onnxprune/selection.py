@@ -143,13 +143,17 @@ def _budget(sites: dict[str, _Site], density: float) -> float:
 
 
 def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_sites: set[str] | None = None,
-                   fill: bool = True, full_heads: int = 0) -> Layouts:
+                   fill: bool = True, full_heads: int = 0, scope: str = "layer") -> Layouts:
     """Per head, the pattern (sinks + band, or full) that together drop the least calibration
     mass within ``density`` of the dense blocks; leftover budget (``fill``) buys single blocks.
 
     ``full_heads`` per site are kept full first: those that drop the most mass under one sink
     block and the diagonal. Mass alone never buys them — a band near the diagonal recovers more
-    mass per block — yet retrieval far back (a passkey) needs them."""
+    mass per block — yet retrieval far back (a passkey) needs them.
+
+    ``scope``: ``layer`` gives each site ``density`` of its own blocks (as AP's default does);
+    ``global`` one budget for all, which spends it where the mass is (on SmolLM2: wide bands in
+    the first layers, at some cost in perplexity)."""
     check_density(density)
     sites = _sites(stats, block_size, causal_sites)
     if density == 1.0:  # dense: every head full, also beyond the grid
@@ -166,8 +170,24 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
         for h in range(site.mass.shape[0]):
             hull = [len(rules) - 1] if h in forced else _hull(cost, loss[h])
             heads.append((name, h, rules, masks, cost, loss[h], hull))
+    groups = [list(sites)] if scope == "global" else [[name] for name in sites]
+    layouts = {n: np.zeros(s.mass.shape, bool) for n, s in sites.items()}
+    rules = {n: np.zeros((s.mass.shape[0], 4), np.int64) for n, s in sites.items()}
+    for group in groups:
+        members = [head for head in heads if head[0] in group]
+        at, left = _choose(members, _budget({n: sites[n] for n in group}, density))
+        for position, (name, h, rule_list, masks, _, _, hull) in zip(at, members):
+            layouts[name][h] = masks[hull[position]]
+            rules[name][h] = rule_list[hull[position]]
+        if fill:
+            _fill({n: sites[n] for n in group}, layouts, left)
+    return _finish(stats, block_size, sites, layouts, rules, sparsity=1.0 - density, method="select")
+
+
+def _choose(heads: list[tuple], budget: float) -> tuple[list[int], float]:
+    """Each head's position on its hull, steepest loss decrease per block first while the budget
+    lasts; and the budget left."""
     spent = sum(cost[hull[0]] for *_, cost, _, hull in heads)
-    budget = _budget(sites, density)
     steps = []  # (loss decrease per block, head index, position on its hull)
     for i, (*_, cost, loss, hull) in enumerate(heads):
         for j in range(1, len(hull)):
@@ -182,14 +202,7 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
         if spent + extra <= budget + 1e-9:
             spent += extra
             at[i] = j
-    layouts = {n: np.zeros(s.mass.shape, bool) for n, s in sites.items()}
-    rules = {n: np.zeros((s.mass.shape[0], 4), np.int64) for n, s in sites.items()}
-    for i, (name, h, rule_list, masks, _, _, hull) in enumerate(heads):
-        layouts[name][h] = masks[hull[at[i]]]
-        rules[name][h] = rule_list[hull[at[i]]]
-    if fill:
-        _fill(sites, layouts, budget - spent)
-    return _finish(stats, block_size, sites, layouts, rules, sparsity=1.0 - density, method="select")
+    return at, budget - spent
 
 
 def _fill(sites: dict[str, _Site], layouts: dict[str, np.ndarray], left: float) -> None:

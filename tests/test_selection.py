@@ -149,3 +149,21 @@ def test_full_heads_per_site_come_first_and_are_the_far_ones():
     picture = head_picture(learned)["s"]
     assert picture[1].startswith("full") and sum(w.startswith("full") for w in picture) >= 1
     assert 1.0 - learned.effective_sparsity <= 0.5 + 1e-9
+
+
+def _two_sites() -> Stats:
+    stats = Stats.empty({"a": 2, "b": 2}, G, L, "f" * 64)
+    for name, heads in (("a", [far_head(), far_head()]), ("b", [local_head(), local_head()])):
+        stats.sums[name][...] = np.stack(heads) * CAUSAL + 0.01 * CAUSAL
+        stats.counts[name][...] = 10.0 * CAUSAL
+    stats.lengths[L] = 4
+    stats.num_samples = 4
+    return stats
+
+
+def test_layer_scope_gives_each_site_its_own_budget_and_global_scope_moves_it():
+    per_layer = select_layouts(_two_sites(), 0.4, block_size=G)
+    assert all(site.density <= 0.4 + 1e-9 for site in per_layer.sites.values())
+    pooled = select_layouts(_two_sites(), 0.4, block_size=G, scope="global")
+    assert pooled.sites["b"].density > 0.4  # the budget moved between sites
+    assert 1.0 - pooled.effective_sparsity <= 0.4 + 1e-9
