@@ -304,7 +304,9 @@ def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *
     if pattern == "duo":
         return duo_layouts(stats, density, sinks, window, block_size, causal_sites)
     if method == "select":
-        return select_layouts(stats, density, block_size, causal_sites, full_heads=full_heads)
+        if scope not in ("layer", "global"):
+            raise OnnxpruneError(f"--method select takes --scope layer or global, got {scope!r}")
+        return select_layouts(stats, density, block_size, causal_sites, full_heads=full_heads, scope=scope)
     causal = set(causal_sites or ())
     learned = learn_layouts(stats, 1.0 - density if density < 1.0 else 0.0, block_size, scope, keep_diagonal, causal)
     for name, site in learned.sites.items():

@@ -128,6 +128,7 @@ def test_non_causal_patterns_are_symmetric_with_global_rows():
     ({"method": "ap", "pattern": "duo", "density": 0.5}, "not both"),
     ({"method": None, "pattern": "streaming", "sink_tokens": -1}, "0 or more"),
     ({"method": None, "pattern": "streaming", "window_tokens": -16}, "0 or more"),
+    ({"density": 0.5, "scope": "head"}, "takes --scope layer or global"),
 ])
 def test_bad_choices_are_one_clear_error(kwargs, message):
     with pytest.raises(OnnxpruneError, match=message.replace("(", r"\(").replace("]", r"\]")):
