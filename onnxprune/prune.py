@@ -35,7 +35,7 @@ class SiteReport:
 class PruneReport:
     sparsity: float
     block_size: int
-    scope: str
+    scope: str | None  # select: layer or global; ap: layer, head or global; None for the patterns
     effective_sparsity: float
     sites: list[SiteReport]
     method: str = "ap"  # or a pattern: streaming, duo
@@ -56,7 +56,7 @@ def prune(
     stats: Stats,
     sparsity: float | None = None,
     block_size: int = 16,
-    scope: str = "layer",
+    scope: str | None = None,
     keep_diagonal: bool = True,
     stats_sha256: str = "",
     *,
@@ -103,7 +103,7 @@ def prune(
     report = PruneReport(
         sparsity=1.0 - density if density is not None else learned.effective_sparsity,
         block_size=block_size,
-        scope=scope,
+        scope=learned.scope,
         effective_sparsity=learned.effective_sparsity,
         sites=[
             SiteReport(

@@ -143,7 +143,7 @@ def _budget(sites: dict[str, _Site], density: float) -> float:
 
 
 def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_sites: set[str] | None = None,
-                   fill: bool = True, full_heads: int = 0, scope: str = "layer") -> Layouts:
+                   fill: bool = True, full_heads: int = 0, scope: str = "global") -> Layouts:
     """Per head, the pattern (sinks + band, or full) that together drop the least calibration
     mass within ``density`` of the dense blocks; leftover budget (``fill``) buys single blocks.
 
@@ -151,9 +151,10 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
     block and the diagonal. Mass alone never buys them — a band near the diagonal recovers more
     mass per block — yet retrieval far back (a passkey) needs them.
 
-    ``scope``: ``layer`` gives each site ``density`` of its own blocks (as AP's default does);
-    ``global`` one budget for all, which spends it where the mass is (on SmolLM2: wide bands in
-    the first layers, at some cost in perplexity)."""
+    ``scope``: ``global`` (default) one budget for all sites, spent where the mass is; ``layer``
+    each site ``density`` of its own blocks (as AP's default does). On SmolLM2 neither wins
+    everywhere: the per-layer budget is better at 0.35 and far worse at 0.15
+    (docs/SELECTION.md)."""
     check_density(density)
     sites = _sites(stats, block_size, causal_sites)
     if density == 1.0:  # dense: every head full, also beyond the grid
@@ -282,10 +283,11 @@ def head_picture(layouts: Layouts) -> dict[str, list[str]]:
 
 def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *, method: str | None = "select",
           pattern: str | None = None, density: float | None = None, sink_tokens: int = 0, window_tokens: int = 0,
-          scope: str = "layer", keep_diagonal: bool = True, full_heads: int = 0) -> Layouts:
+          scope: str | None = None, keep_diagonal: bool = True, full_heads: int = 0) -> Layouts:
     """The layouts of one named method (``method``) or baseline pattern (``pattern``), the one
     entry point ``prune`` uses: ``select`` and ``duo`` and ``ap`` meet ``density``; ``streaming``
-    is what ``sink_tokens`` and ``window_tokens`` say (rounded up to whole blocks)."""
+    is what ``sink_tokens`` and ``window_tokens`` say (rounded up to whole blocks). ``scope``
+    defaults to ``global`` for ``select`` and ``layer`` for ``ap``."""
     from onnxprune.layouts import learn_layouts
     from onnxprune.patterns import blocks_for
 
@@ -304,9 +306,12 @@ def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *
     if pattern == "duo":
         return duo_layouts(stats, density, sinks, window, block_size, causal_sites)
     if method == "select":
+        scope = scope or "global"
         if scope not in ("layer", "global"):
             raise OnnxpruneError(f"--method select takes --scope layer or global, got {scope!r}")
-        return select_layouts(stats, density, block_size, causal_sites, full_heads=full_heads, scope=scope)
+        learned = select_layouts(stats, density, block_size, causal_sites, full_heads=full_heads, scope=scope)
+        return dataclasses.replace(learned, scope=scope)
+    scope = scope or "layer"
     causal = set(causal_sites or ())
     learned = learn_layouts(stats, 1.0 - density if density < 1.0 else 0.0, block_size, scope, keep_diagonal, causal)
     for name, site in learned.sites.items():

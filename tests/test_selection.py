@@ -163,8 +163,8 @@ def _two_sites() -> Stats:
 
 
 def test_layer_scope_gives_each_site_its_own_budget_and_global_scope_moves_it():
-    per_layer = select_layouts(_two_sites(), 0.4, block_size=G)
+    per_layer = select_layouts(_two_sites(), 0.4, block_size=G, scope="layer")
     assert all(site.density <= 0.4 + 1e-9 for site in per_layer.sites.values())
-    pooled = select_layouts(_two_sites(), 0.4, block_size=G, scope="global")
+    pooled = select_layouts(_two_sites(), 0.4, block_size=G)
     assert pooled.sites["b"].density > 0.4  # the budget moved between sites
     assert 1.0 - pooled.effective_sparsity <= 0.4 + 1e-9

@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="select: heads per site kept full first, those with the most mass beyond one sink block and "
                         "the diagonal (retrieval far back needs some; default 0)")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=16, help="block side (default 16)")
-    p.add_argument("--scope", choices=SCOPES, default="layer", help="where the budget applies: layer (each site its own, default), global; AP also head")
+    p.add_argument("--scope", choices=SCOPES,
+                   help="where the budget applies: global (one for all sites; select's default), layer (each site "
+                        "its own; AP's default), head (AP only)")
     p.add_argument("--no-keep-diagonal", action="store_true", help="AP: allow pruning diagonal blocks")
     p.add_argument("-o", "--output", required=True, help="output pruned .onnx")
     p.add_argument("--report", help="also write the prune report as JSON here")
