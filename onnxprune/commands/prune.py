@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--method", choices=METHODS,
                      help="select: per-head sinks/band/full patterns under the budget (default); ap: per-scope AP thresholds")
     how.add_argument("--pattern", choices=PATTERNS,
-                   help="a baseline instead of --method: streaming (--sink, --window on every head) or duo "
-                        "(full heads chosen from the statistics, the others streaming)")
+                     help="a baseline instead of --method: streaming (--sink, --window on every head) or duo "
+                          "(full heads chosen from the statistics, the others streaming)")
     p.add_argument("--sink", type=non_negative, default=64, help="pattern sink tokens, rounded up to blocks (default 64)")
     p.add_argument("--window", type=non_negative, default=64,
                    help="pattern tokens before the diagonal block, rounded up to blocks (default 64)")
@@ -80,8 +80,8 @@ def run(args: argparse.Namespace, log: Log) -> int:
         # but a user comparing densities should know that two of them gave the same layout.
         asked = (f"p = {args.sparsity} asked, {1.0 - kept:.3f} pruned" if args.sparsity is not None
                  else f"density {density:g} asked, {kept:.3f} kept")
-        log(f"onnxprune prune: warning: {asked}: diagonal blocks "
-            "(unless --method ap --no-keep-diagonal) and blocks no calibration input reached are always computed")
+        log(f"onnxprune prune: warning: {asked}: diagonal blocks (unless --method ap --no-keep-diagonal), "
+            "blocks no calibration input reached and duo's streaming heads are always computed")
     print(table(("site", "form", "causal", "density", "retained"),
                 [(s.name, s.form, s.causal, f"{s.density:.3f}", f"{s.retained_mass:.3f}") for s in report.sites]))
     how = f"--pattern {args.pattern}" if args.pattern else f"--method {method}"
@@ -90,5 +90,5 @@ def run(args: argparse.Namespace, log: Log) -> int:
     return ExitStatus.SUCCESS
 
 
-VERB = Verb("prune", "Learn block layouts (per-head selection, AP or a baseline pattern) and rewrite every attention site into onnxprune.BlockSparseAttention.",
-            EXAMPLES, add_arguments, run)
+VERB = Verb("prune", "Learn block layouts (per-head selection, AP or a baseline pattern) and rewrite every "
+            "attention site into onnxprune.BlockSparseAttention.", EXAMPLES, add_arguments, run)
