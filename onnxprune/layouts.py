@@ -73,6 +73,8 @@ class Layouts:
     onnxprune_version: str | None = None
     #: Layout format version (``LAYOUT_VERSION``; files without one are version 1).
     version: int = LAYOUT_VERSION
+    #: How the layouts were chosen: ``select``, ``ap``, ``streaming`` or ``duo`` (``onnxprune.selection``).
+    method: str | None = None
 
     def renamed(self, names: list[str]) -> Layouts:
         """The same layouts, in order, under the site names of another export of the model."""
@@ -114,6 +116,7 @@ _METADATA: dict[str, tuple[str, Callable, Callable]] = {
     "calibration_samples": ("calibration_samples", str, int),
     "effective_sparsity": ("effective_sparsity", lambda v: f"{v:.6f}", float),
     "version": ("layout_version", str, int),
+    "method": ("method", str, str),
 }
 
 

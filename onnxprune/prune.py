@@ -1,4 +1,5 @@
-"""Prune: AP layouts from statistics, then each attention site becomes one
+"""Prune: layouts from statistics (``onnxprune.selection``: the per-head selection, AP, or a
+baseline pattern), then each attention site becomes one
 ``onnxprune.BlockSparseAttention`` node carrying its layout, with the op's function body in the
 file so the model also runs where onnxprune's library is absent."""
 
@@ -12,10 +13,11 @@ import onnx_ir as ir
 
 from onnxprune import __version__
 from onnxprune.errors import OnnxpruneError
-from onnxprune.layouts import Layouts, effective_sparsity, learn_layouts
+from onnxprune.layouts import Layouts, effective_sparsity
 from onnxprune.model_io import load_model
 from onnxprune.passes import prune_passes
 from onnxprune.rules import decompose_fused_attention, find_sites
+from onnxprune.selection import learn
 from onnxprune.stats import Stats
 
 
@@ -25,7 +27,7 @@ class SiteReport:
     form: str
     heads: int
     causal: bool
-    density: float
+    density: float  # kept share of the blocks dense attention computes on the calibration inputs
     retained_mass: float
 
 
@@ -33,9 +35,11 @@ class SiteReport:
 class PruneReport:
     sparsity: float
     block_size: int
-    scope: str
+    scope: str | None  # select: layer or global; ap: layer, head or global; None for the patterns
     effective_sparsity: float
     sites: list[SiteReport]
+    method: str = "ap"  # or a pattern: streaming, duo
+    density: float | None = None  # asked for (None: streaming, whose pattern sets it)
     layouts: Layouts | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -50,13 +54,29 @@ class PruneReport:
 def prune(
     model_path: str | os.PathLike,
     stats: Stats,
-    sparsity: float,
+    sparsity: float | None = None,
     block_size: int = 16,
-    scope: str = "layer",
+    scope: str | None = None,
     keep_diagonal: bool = True,
     stats_sha256: str = "",
+    *,
+    density: float | None = None,
+    method: str | None = "ap",
+    pattern: str | None = None,
+    sink_tokens: int = 0,
+    window_tokens: int = 0,
+    full_heads: int = 0,
 ) -> tuple[ir.Model, PruneReport]:
-    """The pruned model (in memory) and its report. ``save_model`` writes it."""
+    """The pruned model (in memory) and its report. ``save_model`` writes it.
+
+    ``sparsity`` p is ``density`` 1 − p (give one). ``method``: ``ap`` (this function's default,
+    as before) or ``select`` (the CLI's default); or, with ``method=None``, a baseline
+    ``pattern`` (``streaming``, ``duo``) of ``sink_tokens`` and ``window_tokens``. ``full_heads``:
+    ``select`` keeps that many heads per site full (for retrieval far back)."""
+    if sparsity is not None and density is not None:
+        raise OnnxpruneError("give --density or --sparsity, not both")
+    if sparsity is not None:
+        density = 1.0 - sparsity
     loaded = load_model(model_path)  # first: a missing or malformed file is the clearest error
     model, model_sha = loaded.model, loaded.info.sha256
     if stats.model_sha256 != model_sha:
@@ -73,15 +93,17 @@ def prune(
         raise OnnxpruneError(f"the statistics name sites {stats.sites[:3]}…, the model has {names[:3]}…")
     causal = {s.name for s in discovery.sites if s.is_causal}
     learned = dataclasses.replace(
-        learn_layouts(stats, sparsity, block_size, scope, keep_diagonal, causal),
+        learn(stats, block_size, causal, method=method, pattern=pattern, density=density,
+              sink_tokens=sink_tokens, window_tokens=window_tokens, scope=scope, keep_diagonal=keep_diagonal,
+              full_heads=full_heads),
         stats_sha256=stats_sha256, onnxprune_version=__version__,
     )
     prune_passes(learned)(model)
     model.metadata_props.update(learned.metadata_props())
     report = PruneReport(
-        sparsity=sparsity,
+        sparsity=1.0 - density if density is not None else learned.effective_sparsity,
         block_size=block_size,
-        scope=scope,
+        scope=learned.scope,
         effective_sparsity=learned.effective_sparsity,
         sites=[
             SiteReport(
@@ -94,6 +116,8 @@ def prune(
             )
             for s in discovery.sites
         ],
+        method=learned.method,
+        density=density,
         layouts=learned,
     )
     return model, report

@@ -60,7 +60,8 @@ def test_prune_has_its_real_signature():
 
     assert onnxprune.prune is prune
     parameters = list(inspect.signature(onnxprune.prune).parameters)
-    assert parameters == ["model_path", "stats", "sparsity", "block_size", "scope", "keep_diagonal", "stats_sha256"]
+    assert parameters == ["model_path", "stats", "sparsity", "block_size", "scope", "keep_diagonal", "stats_sha256",
+                          "density", "method", "pattern", "sink_tokens", "window_tokens", "full_heads"]
     assert "args" not in parameters and "kwargs" not in parameters
 
 

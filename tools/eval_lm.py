@@ -12,12 +12,22 @@ dense SmolLM2-135M-Instruct (models/smollm2.py) is exported once under build/eva
               tokenizer's chat template; teacher-forced: the answer "The pass key is <key>" is
               appended and a trial counts when every key token is the argmax given its prefix
 
-One table (model, domain, length, ppl all, ppl last quarter, passkey k/N) for all models and
-lengths; with --json the rows are kept there and a rerun skips those already measured (keyed by
-the model file's sha256, the domain, the length and the settings).
+One table (model, kept share, domain, length, ppl all, ppl last quarter, passkey k/N) for all
+models and lengths; with --json the rows are kept there and a rerun skips those already measured
+(keyed by the model file's sha256, the domain, the length and the settings).
+
+With --stats, the first model (the dense export that was calibrated) is also pruned by each of
+--methods at each of --densities (files cached under build/eval_lm/pruned/), so that every method
+is compared at the same budget: ``select`` (the default selection), ``ap``, ``duo`` (streaming
+heads: --sink tokens of sinks and the diagonal) and ``streaming`` (the widest StreamingLLM band, with --sink tokens
+of sinks, that keeps no more than the density; with none, the diagonal alone). "kept" is the
+share of the blocks dense attention computes that the model computes, on the calibration lengths
+and at the row's length (where the rule continues the layout).
 
     python tools/eval_lm.py --lengths 1024 --windows 4 --json eval.json
     python tools/eval_lm.py dense=out/dense.onnx pruned=out/pruned.onnx --lengths 1024 4096 8192
+    python tools/eval_lm.py dense=build/smollm2.onnx --stats build/stats.safetensors --block-size 64 \
+        --methods select ap streaming duo --densities 0.15 0.25 0.35 --json docs/results/selection.json
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ from onnxprune.tables import table  # noqa: E402
 DEFAULT_EXPORT = ROOT / "build" / "eval_lm" / "smollm2-text-generation.onnx"
 #: what the domain ids in the table mean
 DOMAINS = {"pydoc": "Python documentation (pydoc_data.topics)", "stdlib": "standard-library sources"}
-HEADERS = ("model", "domain", "length", "ppl all", "ppl last quarter", "passkey")
+HEADERS = ("model", "kept (calib.)", "kept (length)", "domain", "length", "ppl all", "ppl last quarter", "passkey")
+METHODS = ("select", "ap", "streaming", "duo")
+PRUNED_DIR = ROOT / "build" / "eval_lm" / "pruned"
 
 
 def log(*args) -> None:
@@ -172,6 +184,74 @@ class Passkey:
         return bool((predicted == ids[start:]).all())
 
 
+# ---- the methods at equal densities
+
+
+def streaming_window(stats, density: float, block_size: int, sink_tokens: int) -> tuple[int, int]:
+    """(sink tokens, window tokens) of the widest StreamingLLM band that keeps at most ``density``
+    on the calibration lengths; (0, 0), the diagonal alone, when no band with sinks fits."""
+    from onnxprune.selection import streaming_layouts
+
+    best = (0, 0)
+    sinks = -(-sink_tokens // block_size)
+    for window in range(-(-stats.max_length // block_size)):
+        kept = 1.0 - streaming_layouts(stats, sinks, window, block_size).effective_sparsity
+        if kept > density + 1e-9:
+            break
+        best = (sink_tokens, window * block_size)
+    return best
+
+
+def pruned_models(dense: Path, args) -> list[tuple[str, Path]]:
+    """Each method at each density: (label, file), pruned once and cached by the statistics' sha256."""
+    from onnxprune.model_io import file_sha256, save_model
+    from onnxprune.prune import prune
+    from onnxprune.stats import Stats
+
+    stats = Stats.load(args.stats)
+    stats_sha = file_sha256(args.stats)
+    models = []
+    for method in args.methods:
+        for density in args.densities:
+            label = f"{method}-f{args.full_heads}" if method == "select" and args.full_heads else method
+            path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{label}-{density:g}.onnx"
+            if not path.is_file():
+                if method == "streaming":
+                    sink, window = streaming_window(stats, density, args.block_size, args.sink)
+                    choice = dict(method=None, pattern="streaming", sink_tokens=sink, window_tokens=window)
+                elif method == "duo":
+                    choice = dict(method=None, pattern="duo", density=density, sink_tokens=args.sink)
+                else:
+                    choice = dict(method=method, density=density,
+                                  full_heads=args.full_heads if method == "select" else 0)
+                log(f"pruning: {method} at density {density:g}")
+                model, _ = prune(dense, stats, block_size=args.block_size, stats_sha256=stats_sha, **choice)
+                PRUNED_DIR.mkdir(parents=True, exist_ok=True)
+                save_model(model, path)
+            models.append((f"{label}@{density:g}", path))
+    return models
+
+
+def kept_shares(path: Path, length: int) -> tuple[float | None, float | None]:
+    """(kept share on the calibration lengths, as recorded; kept share on causal inputs of
+    ``length``, the rule continuing the layout), None for a dense model."""
+    from onnxprune.layout_rule import blocks_at
+    from onnxprune.layouts import load_layouts
+
+    try:
+        layouts = load_layouts(path)
+    except OnnxpruneError:
+        return None, None
+    m = -(-length // layouts.block_size)
+    computed = dense = 0
+    for site in layouts.sites.values():
+        allowed = np.tril(np.ones((m, m), bool)) if site.causal else np.ones((m, m), bool)
+        computed += int((blocks_at(site.layout, site.rule, m, m) & allowed).sum())
+        dense += int(allowed.sum()) * site.layout.shape[0]
+    calibration = None if layouts.effective_sparsity is None else 1.0 - layouts.effective_sparsity
+    return calibration, computed / dense
+
+
 # ---- the run
 
 
@@ -189,7 +269,9 @@ def evaluate(label: str, lm: LanguageModel, tokenizer, domain: str, length: int,
         passkey = Passkey(tokenizer, length)
         rng = np.random.default_rng(args.seed)
         correct = sum(passkey.trial(lm, rng) for _ in range(args.trials))
-    return {"model": label, "path": str(lm.path), "domain": domain, "length": length, "windows": args.windows,
+    kept, kept_at_length = kept_shares(lm.path, length)
+    return {"model": label, "path": str(lm.path), "kept": kept, "kept_at_length": kept_at_length,
+            "domain": domain, "length": length, "windows": args.windows,
             "ppl": ppl, "ppl_last_quarter": ppl_last, "passkey_correct": correct, "passkey_trials": args.trials,
             "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -218,13 +300,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="passkey keys and depths (default 0)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
     p.add_argument("--json", type=Path, help="rows are kept here; rows already in it are not measured again")
+    p.add_argument("--stats", type=Path, help="the first model's statistics: also prune it by --methods at --densities")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="with --stats (default: all)")
+    p.add_argument("--densities", type=float, nargs="+", default=[0.15, 0.25, 0.35],
+                   help="with --stats: kept shares (default 0.15 0.25 0.35)")
+    p.add_argument("--block-size", type=int, default=64, help="with --stats (default 64)")
+    p.add_argument("--sink", type=int, default=64, help="with --stats: sink tokens of streaming and duo (default 64)")
+    p.add_argument("--full-heads", type=int, default=0, help="with --stats: select's full heads per site (default 0)")
     args = p.parse_args(argv)
     try:
         rows = run(args)
     except OnnxpruneError as e:
         print(f"eval_lm: error: {e}", file=sys.stderr)
         return 2
-    print(table(HEADERS, [(r["model"], r["domain"], r["length"], r["ppl"], r["ppl_last_quarter"],
+    share = lambda v: "1.00" if v is None else f"{v:.3f}"  # noqa: E731 - a dense model keeps every block
+    print(table(HEADERS, [(r["model"], share(r.get("kept")), share(r.get("kept_at_length")), r["domain"],
+                           r["length"], r["ppl"], r["ppl_last_quarter"],
                            f"{r['passkey_correct']}/{r['passkey_trials']}") for r in rows]))
     return 0
 
@@ -234,7 +326,10 @@ def run(args) -> list[dict]:
 
     done = json.loads(args.json.read_text())["rows"] if args.json and args.json.is_file() else {}
     rows = []
-    for label, path in parse_models(args.models):
+    models = parse_models(args.models)
+    if args.stats:
+        models += pruned_models(models[0][1], args)
+    for label, path in models:
         info = read_info(path)
         lm = tokenizer = None  # loaded for the first row not measured yet
         for domain in args.domains:
