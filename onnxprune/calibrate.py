@@ -346,12 +346,23 @@ def calibrate(
                 mq, mk = summed.shape[1], summed.shape[2]
                 stats.sums[site.name][:, :mq, :mk] += summed
                 stats.counts[site.name][:mq, :mk] += counts[:mq, :mk]
-            np.add.at(stats.lengths, valid.sum(axis=1).astype(np.int64), 1)
+            np.add.at(stats.lengths, _input_lengths(feeds, valid, sums, stats.max_length), 1)
             stats.num_samples += valid.shape[0]
             bar.update(int(valid.sum()))
     if stats is None:
         raise OnnxpruneError("no calibration data")
     return _trim_to_extents(stats, extents)
+
+
+def _input_lengths(feeds: dict[str, np.ndarray], valid: np.ndarray, sums, max_length: int) -> np.ndarray:
+    """Each input's length for the statistics' histogram: its valid tokens, or for an input that is
+    not a token sequence (images, audio features) the positions its attention saw (patches,
+    frames) — its second axis is channels or features, not positions."""
+    first = next(iter(feeds.values()))
+    if "attention_mask" in feeds or first.ndim == 2:
+        return valid.sum(axis=1).astype(np.int64)
+    seen = min(max(sq for _, sq in sums), max_length)
+    return np.full(first.shape[0], seen, np.int64)
 
 
 def _trim_to_extents(stats: Stats, extents: dict[str, list]) -> Stats:
