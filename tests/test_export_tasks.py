@@ -15,7 +15,8 @@ import pytest
 from models import tiny
 from onnxprune.cli import main
 from onnxprune.errors import OnnxpruneError
-from onnxprune.export import TASKS, default_task, export
+from onnxprune.export import export
+from onnxprune.export_tasks import TASKS, default_task
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -244,6 +245,6 @@ def test_missing_output_folder_is_refused_before_exporting(lm_dir, tmp_path, mon
     import sys
 
     # the module, not the function that onnxprune/__init__ exports under the same name
-    monkeypatch.setattr(sys.modules["onnxprune.export"], "_plan", lambda *a: pytest.fail("exported anyway"))
+    monkeypatch.setattr(sys.modules["onnxprune.export"], "make_plan", lambda *a: pytest.fail("exported anyway"))
     with pytest.raises(OnnxpruneError, match="output directory does not exist"):
         export(lm_dir("gpt2"), tmp_path / "missing" / "x.onnx", **QUIET)

@@ -6,7 +6,8 @@ import argparse
 
 from onnxprune.commands.arguments import positive
 from onnxprune.commands.base import ExitStatus, Log, Verb
-from onnxprune.export import ATTENTION_IMPLEMENTATIONS, TASKS, export
+from onnxprune.export import ATTENTION_IMPLEMENTATIONS, export
+from onnxprune.export_tasks import TASKS
 
 EXAMPLES = """\
   onnxprune export path/to/bert-dir -o model.onnx --seq-len 128
