@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxprune import __version__, op_schema
 from onnxprune.errors import OnnxpruneError
-from onnxprune.layout_rule import learn_rule, validate_rule
+from onnxprune.layout_rule import blocks_at, learn_rule, validate_rule
 from onnxprune.op_schema import BLOCK_SIZES
 from onnxprune.stats import Stats
 
@@ -216,6 +216,15 @@ def looks_causal(stats: Stats, site: str) -> bool:
     return total > 0 and upper <= 1e-9 * total
 
 
+def check_block_size(stats: Stats, block_size: int) -> None:
+    """A block size the op runs whose blocks are whole cells of the statistics."""
+    if block_size not in BLOCK_SIZES:
+        raise OnnxpruneError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
+    if block_size % stats.granularity:
+        raise OnnxpruneError(
+            f"--block-size {block_size} is not a multiple of the statistics' granularity {stats.granularity}")
+
+
 def learn_layouts(
     stats: Stats,
     sparsity: float,
@@ -226,12 +235,7 @@ def learn_layouts(
 ) -> Layouts:
     if not 0.0 <= sparsity < 1.0:
         raise OnnxpruneError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if block_size not in BLOCK_SIZES:
-        raise OnnxpruneError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
-    if block_size % stats.granularity:
-        raise OnnxpruneError(
-            f"--block-size {block_size} is not a multiple of the statistics' granularity {stats.granularity}"
-        )
+    check_block_size(stats, block_size)
     return _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites)
 
 
@@ -324,17 +328,23 @@ def _learn(stats, sparsity, block_size, scope, keep_diagonal, causal_sites) -> L
 
 def effective_sparsity(lengths: np.ndarray, sites: dict[str, SiteLayout], block_size: int) -> float:
     """Fraction of the blocks that dense attention computes on inputs of these lengths that the
-    layouts skip (causal sites: dense computes only blocks on or below the diagonal)."""
+    layouts skip (causal sites: dense computes only blocks on or below the diagonal). A square
+    layout (self-attention over the input) continues beyond its explicit region by its rule, as
+    the op does; a rectangular one (cross-attention, whose other axis is not the input's) spans
+    what it covers."""
     computed = skipped = 0.0
     for length, how_many in enumerate(lengths):
         if how_many == 0 or length == 0:
             continue
         m = -(-length // block_size)
         for site in sites.values():
-            region = site.layout[:, :m, :m]  # a rectangular layout may be smaller on one side
-            dense = np.tril(np.ones((m, m), bool)) if site.causal else np.ones((m, m), bool)
-            dense = dense[: region.shape[1], : region.shape[2]]
-            dense_blocks = dense.sum() * region.shape[0]
+            heads, mq, mk = site.layout.shape
+            if mq == mk:
+                kept = blocks_at(site.layout, site.rule, m, m)
+            else:
+                kept = site.layout[:, :m, :m].astype(bool)
+            dense = np.tril(np.ones(kept.shape[1:], bool)) if site.causal else np.ones(kept.shape[1:], bool)
+            dense_blocks = dense.sum() * heads
             computed += how_many * dense_blocks
-            skipped += how_many * (dense_blocks - (region.astype(bool) & dense).sum())
+            skipped += how_many * (dense_blocks - (kept & dense).sum())
     return float(skipped / computed) if computed else 0.0

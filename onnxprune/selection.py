@@ -24,8 +24,7 @@ import numpy as np
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.layout_rule import UNBOUNDED
-from onnxprune.layouts import Layouts, SiteLayout, block_sum, effective_sparsity, looks_causal
-from onnxprune.op_schema import BLOCK_SIZES
+from onnxprune.layouts import Layouts, SiteLayout, block_sum, check_block_size, effective_sparsity, looks_causal
 from onnxprune.patterns import band_rule, draw, full_rule
 from onnxprune.stats import Stats
 
@@ -44,14 +43,6 @@ def check_density(density: float) -> float:
     if not 0.0 < density <= 1.0:
         raise OnnxpruneError(f"--density must be in (0, 1], got {density}")
     return density
-
-
-def check_block_size(stats: Stats, block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise OnnxpruneError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
-    if block_size % stats.granularity:
-        raise OnnxpruneError(
-            f"--block-size {block_size} is not a multiple of the statistics' granularity {stats.granularity}")
 
 
 def block_weights(lengths: np.ndarray, query_blocks: int, key_blocks: int, block_size: int,

@@ -211,6 +211,18 @@ def test_effective_sparsity_hand_computed():
     assert effective_sparsity(np.zeros(L + 1, np.int64), {"full": full}, 16) == 0.0
 
 
+def test_effective_sparsity_beyond_the_layout_follows_its_rule():
+    # A 2-block causal layout (diagonal only) whose rule keeps 1 sink block and the diagonal; at
+    # 5 blocks the op computes the diagonal (5) and, outside the explicit 2 x 2 region, the sink
+    # column of rows 2-4 (3): 8 of the 15 blocks on or below the diagonal.
+    site = SiteLayout(layout=np.eye(2, dtype=np.uint8)[None], causal=True, rule=np.array([[1, 0, 0, 0]]))
+    lengths = np.zeros(81, np.int64)
+    lengths[80] = 1
+    assert effective_sparsity(lengths, {"s": site}, 16) == pytest.approx(1 - 8 / 15)
+    without_rule = SiteLayout(layout=site.layout, causal=True)  # version 1: every block beyond
+    assert effective_sparsity(lengths, {"s": without_rule}, 16) == pytest.approx(1 - (15 - 1) / 15)
+
+
 def test_effective_sparsity_reported_by_learn_layouts():
     stats = make_stats({"a": distinct_scores(2)}, lengths={64: 2, 10: 5})
     result = learn_layouts(stats, 0.5, 16)
