@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from onnxprune import lm_feeds
 from onnxprune.errors import OnnxpruneError
 
 #: Optimum's task names: what the exported file computes.
@@ -304,8 +305,7 @@ def _with_past_plan(model, seq_len: int) -> Plan:
 
 
 def positions(attention_mask, length: int):
-    """The position of each of the last ``length`` tokens: the count of attended tokens before it
-    (left padding gives the first real token position 0), as transformers' ``generate`` does."""
+    """``lm_feeds.positions`` (what the exported graph is fed at run time) for a torch mask."""
     import torch
 
-    return (torch.cumsum(attention_mask, -1) - 1).clamp(min=0)[:, -length:]
+    return torch.from_numpy(lm_feeds.positions(attention_mask.numpy(), length))

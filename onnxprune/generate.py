@@ -25,7 +25,7 @@ import numpy as np
 
 from onnxprune import op_schema
 from onnxprune.errors import OnnxpruneError
-from onnxprune.lm_feeds import PAST_INPUT, POSITIONS_INPUT, cache_inputs, cache_shape, positions
+from onnxprune.lm_feeds import PAST_INPUT, POSITIONS_INPUT, cache_inputs, cache_shape, empty_cache, positions
 from onnxprune.model_io import ModelInfo, read_info
 
 #: ``library`` choices: ``auto`` registers the library for a model with onnxprune ops; ``none``
@@ -88,7 +88,7 @@ class CausalLM:
         self.output_names = ["logits", *self.presents.values()]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        return {name: np.zeros((batch, heads, 0, size), np.float32) for name, (heads, size) in self.kv_shape.items()}
+        return empty_cache(self.info, batch)
 
     def check_cache(self, cache: dict[str, np.ndarray], batch: int) -> int:
         """The cache's length; one line naming the first array that does not fit the model."""

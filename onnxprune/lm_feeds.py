@@ -44,24 +44,27 @@ def cache_shape(cache_input: ModelInput) -> tuple[int, int]:
     return shape[1], shape[3]
 
 
+def empty_cache(info: ModelInfo, batch: int) -> dict[str, np.ndarray]:
+    """A cache of length 0 for each of the model's cache inputs (a prefill's past)."""
+    cache = {}
+    for cache_input in cache_inputs(info):
+        heads, size = cache_shape(cache_input)
+        cache[cache_input.name] = np.zeros((batch, heads, 0, size), _float_type(cache_input))
+    return cache
+
+
 def with_empty_cache(info: ModelInfo, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``feeds`` (``input_ids`` and ``attention_mask`` ``[B, S]``) plus what a with-past model
     also takes to run over them alone: a cache of length 0 and ``position_ids``. ``feeds`` as they
     are for a model without a cache."""
-    past = cache_inputs(info)
-    if not past:
+    if not cache_inputs(info):
         return feeds
     ids = feeds["input_ids"]
     batch, length = ids.shape
     mask = feeds.get("attention_mask")
     mask = np.ones((batch, length), np.int64) if mask is None else mask
-    extra: dict[str, np.ndarray] = {}
-    if POSITIONS_INPUT in info.input_names:
-        extra[POSITIONS_INPUT] = positions(mask, length)
-    for cache_input in past:
-        heads, size = cache_shape(cache_input)
-        extra[cache_input.name] = np.zeros((batch, heads, 0, size), _float_type(cache_input))
-    return {**feeds, **extra}
+    extra = {POSITIONS_INPUT: positions(mask, length)} if POSITIONS_INPUT in info.input_names else {}
+    return {**feeds, **extra, **empty_cache(info, batch)}
 
 
 def _float_type(cache_input: ModelInput):

@@ -77,26 +77,17 @@ class LanguageModel:
         self.logits_index = outputs.index("logits")
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        from onnx import TensorProto
-
+        from onnxprune.lm_feeds import with_empty_cache
         from onnxprune.runtime import run
 
         length = ids.shape[-1]
-        feeds = {}
-        for spec in self.info.inputs:
-            if spec.name == "input_ids":
-                feeds[spec.name] = ids.reshape(1, length).astype(np.int64)
-            elif spec.name == "attention_mask":
-                feeds[spec.name] = np.ones((1, length), np.int64)
-            elif spec.name == "position_ids":
-                feeds[spec.name] = np.arange(length, dtype=np.int64)[None]
-            elif spec.name.startswith("past_key_values."):
-                # a KV-cache export: an empty cache makes the call a prefill
-                heads, head_dim = spec.shape[1], spec.shape[3]
-                feeds[spec.name] = np.zeros((1, heads, 0, head_dim), np.float16 if spec.elem_type == TensorProto.FLOAT16 else np.float32)
-            else:
-                raise OnnxpruneError(f"{self.path}: cannot feed input {spec.name!r}")
-        return run(self.session, feeds, self.path)[self.logits_index][0]
+        # A KV-cache export gets an empty cache (a prefill) and positions 0 … length-1.
+        feeds = with_empty_cache(self.info, {"input_ids": ids.reshape(1, length).astype(np.int64),
+                                             "attention_mask": np.ones((1, length), np.int64)})
+        unknown = [n for n in self.info.input_names if n not in feeds]
+        if unknown:
+            raise OnnxpruneError(f"{self.path}: cannot feed input {unknown[0]!r}")
+        return run(self.session, {n: feeds[n] for n in self.info.input_names}, self.path)[self.logits_index][0]
 
 
 def default_model() -> Path:
@@ -235,21 +226,16 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path]]:
 def kept_shares(path: Path, length: int) -> tuple[float | None, float | None]:
     """(kept share on the calibration lengths, as recorded; kept share on causal inputs of
     ``length``, the rule continuing the layout), None for a dense model."""
-    from onnxprune.layout_rule import blocks_at
-    from onnxprune.layouts import load_layouts
+    from onnxprune.layouts import effective_sparsity, load_layouts
 
     try:
         layouts = load_layouts(path)
     except OnnxpruneError:
         return None, None
-    m = -(-length // layouts.block_size)
-    computed = dense = 0
-    for site in layouts.sites.values():
-        allowed = np.tril(np.ones((m, m), bool)) if site.causal else np.ones((m, m), bool)
-        computed += int((blocks_at(site.layout, site.rule, m, m) & allowed).sum())
-        dense += int(allowed.sum()) * site.layout.shape[0]
+    one_length = np.zeros(length + 1, np.int64)
+    one_length[length] = 1
     calibration = None if layouts.effective_sparsity is None else 1.0 - layouts.effective_sparsity
-    return calibration, computed / dense
+    return calibration, 1.0 - effective_sparsity(one_length, layouts.sites, layouts.block_size)
 
 
 # ---- the run
