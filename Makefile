@@ -1,14 +1,18 @@
 # onnxprune — `make demo` runs the whole pipeline, `make test` the test suite.
 # Both create .venv and install what they need (Python packages from the registry, ONNX Runtime
-# headers for the custom-op build via tools/fetch_ort_headers.sh).
+# headers for the custom-op build via tools/fetch_ort_headers.sh). `make test` also creates
+# .venv-client, where Optimum's ORTModelForCausalLM drives our model directories.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 HEADERS := build/ort-headers/onnxruntime_c_api.h
+CLIENT := .venv-client
+CLIENT_BIN := $(CLIENT)/bin
+WHEEL  := build/wheel/.built
 SOURCES := $(shell find onnxprune custom_ops -type f \( -name '*.py' -o -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name '*.map' -o -name 'CMakeLists.txt' \) 2>/dev/null)
 
-.PHONY: all install demo test bench results clean
+.PHONY: all install client demo test bench results clean
 
 all: install
 
@@ -32,19 +36,45 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 $(HEADERS):
 	tools/fetch_ort_headers.sh build/ort-headers
 
-# The package itself; building it compiles custom_ops/ into onnxprune/lib/libonnxprune_ops.so.
-$(VENV)/.installed: $(VENV)/.deps $(HEADERS) $(SOURCES) pyproject.toml
+# The package's wheel; building it compiles custom_ops/ into onnxprune/lib/libonnxprune_ops.so.
+# Built once, installed into both environments.
+$(WHEEL): $(VENV)/.deps $(HEADERS) $(SOURCES) pyproject.toml
+	rm -rf $(dir $@)
 	ONNXRUNTIME_INCLUDE_DIR=$(CURDIR)/build/ort-headers \
-	    $(BIN)/pip install -q --no-build-isolation --no-deps .
+	    $(BIN)/pip wheel -q --no-build-isolation --no-deps . -w $(dir $@)
+	touch $@
+
+$(VENV)/.installed: $(WHEEL)
+	$(BIN)/pip install -q --no-deps --force-reinstall $(dir $(WHEEL))onnxprune-*.whl
 	touch $@
 
 install: $(VENV)/.installed
 
+# Optimum's client: optimum-onnx 0.1.0 needs transformers < 4.58, .venv has transformers 5. The
+# same onnxruntime as .venv's, as the custom-op library is built once for both. onnxprune comes
+# with its dependencies (onnx-ir, onnxscript are all the client lacks), so that the client finds
+# the library as a user would, onnxprune.library_path(); uninstalled first, as a rebuilt wheel
+# keeps its version.
+$(CLIENT)/.deps: $(VENV)/.deps
+	$(PYTHON) -m venv $(CLIENT)
+	$(CLIENT_BIN)/pip install -q torch==2.13.0
+	$(CLIENT_BIN)/pip install -q transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0 numpy \
+	    onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')
+	touch $@
+
+$(CLIENT)/.installed: $(CLIENT)/.deps $(WHEEL)
+	$(CLIENT_BIN)/pip uninstall -q -y onnxprune
+	$(CLIENT_BIN)/pip install -q $(dir $(WHEEL))onnxprune-*.whl
+	touch $@
+
+client: $(CLIENT)/.installed
+
 demo: install
 	$(BIN)/onnxprune demo
 
-test: install
-	$(BIN)/pytest -q tests
+# tests/test_generate.py runs Optimum's client in .venv-client.
+test: install client
+	ONNXPRUNE_OPTIMUM_PYTHON=$(CURDIR)/$(CLIENT_BIN)/python $(BIN)/pytest -q tests
 
 # Speed: the op against ORT's dense attention (and the GEMM ceiling), then a BERT-base-shaped
 # model end to end; docs/PERFORMANCE.md has the tables these print.
@@ -62,4 +92,4 @@ results: install
 
 
 clean:
-	rm -rf $(VENV) build out
+	rm -rf $(VENV) $(CLIENT) build out

@@ -47,7 +47,8 @@ def save_tokenizer(folder: Path, chat: bool = False) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    # a causal LM's tokenizer gives no token_type_ids, which generate() would refuse
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"]}
     if chat:
         config["chat_template"] = "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}w3"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))

@@ -200,20 +200,26 @@ def test_a_cache_of_the_wrong_shape_is_one_clear_error():
 
 
 @pytest.mark.skipif(not os.environ.get("ONNXPRUNE_OPTIMUM_PYTHON"),
-                    reason="ONNXPRUNE_OPTIMUM_PYTHON names no python with optimum-onnx (tools/optimum_generate.py)")
+                    reason="ONNXPRUNE_OPTIMUM_PYTHON names no python with optimum-onnx (make client)")
 def test_optimum_client_generates_our_tokens(tmp_path, ops_library):
-    """Optimum's ORTModelForCausalLM (its own environment) drives the dense and the pruned
-    (p = 0.5) exports to the tokens of ``generate_ids``."""
+    """Optimum's ORTModelForCausalLM, in its own environment (tools/optimum_generate.py), given
+    session options with onnxprune's library, generates from the Llama (GQA) directory, dense and
+    pruned at p = 0, PyTorch's greedy tokens, and pruned at p = 0.5 (other tokens) those of
+    ``generate_ids`` on it."""
     import shutil
     import subprocess
 
     prompt = prompt_ids(9)
-    for name, path in (("dense", exported_lm("llama") / "model.onnx"), ("pruned", pruned_lm("llama", "eager", 0.5))):
-        folder = tmp_path / name
-        shutil.copytree(exported_lm("llama"), folder)
-        shutil.copyfile(path, folder / "model.onnx")
-        out = subprocess.run([os.environ["ONNXPRUNE_OPTIMUM_PYTHON"], str(TOOLS / "optimum_generate.py"), str(folder),
-                              "--library", ops_library, "--prompt-ids", *map(str, prompt), "--max-new-tokens",
-                              str(NEW_TOKENS)], capture_output=True, text=True, check=True).stdout
-        expected = generate_ids(CausalLM(folder / "model.onnx"), [prompt], NEW_TOKENS).token_ids[0]
-        assert json.loads(out.splitlines()[-1])["token_ids"] == expected
+    folders = []
+    for name, path in (("dense", exported_lm("llama") / "model.onnx"), ("p0", pruned_lm("llama", "eager", 0.0)),
+                       ("p0.5", pruned_lm("llama", "eager", 0.5))):
+        folders.append(tmp_path / name)
+        shutil.copytree(exported_lm("llama"), folders[-1])
+        shutil.copyfile(path, folders[-1] / "model.onnx")
+    run = subprocess.run([os.environ["ONNXPRUNE_OPTIMUM_PYTHON"], str(TOOLS / "optimum_generate.py"), *map(str, folders),
+                          "--prompt", words(prompt), "--max-new-tokens", str(NEW_TOKENS)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])["token_ids"]
+    ours = [generate_ids(CausalLM(folder / "model.onnx"), [prompt], NEW_TOKENS).token_ids[0] for folder in folders]
+    expected = torch_greedy("llama", prompt)
+    assert got == ours and ours[:2] == [expected, expected] and ours[2] != expected
