@@ -120,7 +120,13 @@ class CausalLM:
             feeds[POSITIONS_INPUT] = positions(attention_mask, length)
         logits, *presents = run(self.session, {n: v for n, v in feeds.items() if n in self.info.input_names},
                                 self.info.path)
-        return logits, dict(zip(self.presents, presents))
+        cache = dict(zip(self.presents, presents))
+        for name, array in cache.items():  # the next step would blame the cache it was given
+            heads, size = self.kv_shape[name]
+            if array.shape != (batch, heads, past + length, size):
+                raise OnnxpruneError(f"{self.info.path}: output {self.presents[name]} has shape {list(array.shape)}; "
+                                     f"expected [{batch}, {heads}, {past + length}, {size}] ({name} plus the new tokens)")
+        return logits, cache
 
 
 def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:

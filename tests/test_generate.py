@@ -148,6 +148,7 @@ def test_cli_chat_template(capsys, tmp_path):
 
 
 def one_line_error(capsys, argv, match):
+    capsys.readouterr()  # what exporting the models in argv printed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
@@ -188,6 +189,42 @@ def test_cli_says_which_task_to_export_with(capsys, tmp_path):
                    "has no logits output; export it with --task text-generation-with-past")
     one_line_error(capsys, ["generate", str(tmp_path / "missing.onnx"), "--tokenizer", str(tokenizer), "--prompt", "w5"],
                    "no such model file")
+
+
+def wrong_present_graph(path):
+    """A with-past model whose present.0.key is its past_key_values.0.key transposed: [b, 8, p, 2]
+    where [b, 2, p + s, 8] is due."""
+    nodes = [helper.make_node("Unsqueeze", ["input_ids", "last"], ["ids3"]),
+             helper.make_node("Cast", ["ids3"], ["logits"], to=T.FLOAT),
+             helper.make_node("Transpose", ["past_key_values.0.key"], ["present.0.key"], perm=[0, 3, 2, 1]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    cache = [helper.make_tensor_value_info(f"past_key_values.0.{kind}", T.FLOAT, ["b", 2, "p", 8])
+             for kind in ("key", "value")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", T.INT64, ["b", "s"]), *cache],
+                              [helper.make_tensor_value_info(n, T.FLOAT, None)
+                               for n in ("logits", "present.0.key", "present.0.value")],
+                              initializer=[helper.make_tensor("last", T.INT64, [1], [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cli_refuses_a_cache_of_the_wrong_shape(capsys, tmp_path):
+    """The command line makes the cache, from the model's cache inputs and then its present outputs:
+    inputs without fixed heads and head size, or presents of another shape, are one line each."""
+    tokenizer = exported_lm("gpt2")
+    free_heads = tiny_graph(tmp_path / "free_heads.onnx",
+                            [("input_ids", ["b", "s"]), ("past_key_values.0.key", ["b", "h", "p", 8]),
+                             ("past_key_values.0.value", ["b", "h", "p", 8])],
+                            [("logits", ["b", "s"]), ("present.0.key", None), ("present.0.value", None)])
+    one_line_error(capsys, ["generate", str(free_heads), "--tokenizer", str(tokenizer), "--prompt", "w5"],
+                   "cache input past_key_values.0.key has shape ['b', 'h', 'p', 8]; expected [batch, kv_heads, "
+                   "past_sequence, head_size] with fixed heads and head size")
+    wrong_present = wrong_present_graph(tmp_path / "wrong_present.onnx")
+    one_line_error(capsys, ["generate", str(wrong_present), "--tokenizer", str(tokenizer), "--prompt", "w5 w6"],
+                   "output present.0.key has shape [1, 8, 0, 2]; expected [1, 2, 2, 8] (past_key_values.0.key plus "
+                   "the new tokens)")
 
 
 def test_a_cache_of_the_wrong_shape_is_one_clear_error():
