@@ -168,3 +168,9 @@ def test_layer_scope_gives_each_site_its_own_budget_and_global_scope_moves_it():
     pooled = select_layouts(_two_sites(), 0.4, block_size=G)
     assert pooled.sites["b"].density > 0.4  # the budget moved between sites
     assert 1.0 - pooled.effective_sparsity <= 0.4 + 1e-9
+
+
+def test_auto_selects_for_causal_sites_and_takes_ap_for_the_others():
+    stats = mixed_stats()
+    assert learn(stats, G, {"s"}, method="auto", density=0.5).method == "select"
+    assert learn(stats, G, set(), method="auto", density=0.5).method == "ap"

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--sparsity", "-p", type=probability, help="the same as --density 1-p, p in [0, 1)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--method", choices=METHODS,
-                     help="select: per-head sinks/band/full patterns under the budget (default); ap: per-scope AP thresholds")
+                     help="auto (default): select for causal attention (decoders), ap otherwise (encoders); "
+                          "select: per-head sinks/band/full patterns under the budget; ap: per-scope AP thresholds")
     how.add_argument("--pattern", choices=PATTERNS,
                      help="a baseline instead of --method: streaming (--sink, --window on every head) or duo "
                           "(full heads chosen from the statistics, the others streaming)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
         raise OnnxpruneError("give --density (or --sparsity)")
     if args.pattern == "streaming" and density is not None:
         raise OnnxpruneError("--pattern streaming is what --sink and --window make it; drop --density/--sparsity")
-    method = None if args.pattern else (args.method or "select")
+    method = None if args.pattern else (args.method or "auto")
     stats = Stats.load(args.stats)
     model, report = prune(args.model, stats, block_size=args.block_size, scope=args.scope,
                           keep_diagonal=not args.no_keep_diagonal, stats_sha256=file_sha256(args.stats),
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
             "blocks no calibration input reached and duo's streaming heads are always computed")
     print(table(("site", "form", "causal", "density", "retained"),
                 [(s.name, s.form, s.causal, f"{s.density:.3f}", f"{s.retained_mass:.3f}") for s in report.sites]))
-    how = f"--pattern {args.pattern}" if args.pattern else f"--method {method}"
+    how = f"--pattern {args.pattern}" if args.pattern else f"--method {report.method}"
     print(f"wrote {args.output}: {how}, block {args.block_size}, kept share (density) of the blocks dense attention "
           f"computes on the calibration inputs {kept:.3f}")
     return ExitStatus.SUCCESS
