@@ -360,7 +360,7 @@ def parse_models(specs: list[str]) -> list[tuple[str, Path, str, None]]:
     return models
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="[label=]model.onnx (default: the dense SmolLM2, exported once)")
@@ -386,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64, help="with --stats (default 64)")
     p.add_argument("--sink", type=int, default=64, help="with --stats: sink tokens of streaming and duo (default 64)")
     p.add_argument("--full-heads", type=int, default=0, help="with --stats: select's full heads per site (default 0)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         rows = run(args)
     except OnnxpruneError as e:
