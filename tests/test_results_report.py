@@ -97,6 +97,7 @@ def test_report_writes_every_section_and_valid_plots(tmp_path):
     assert "| dense | 1.00 | 1.00 | 10.00 | 9.00 | not run | not run | 3/5 | not run |" in text
     assert "| streaming@0.25 | " + " | ".join(["not run"] * 8) + " |" in text
     assert "| select after recover | " + " | ".join(["not run"] * 8) + " |" in text
+    assert "LLM: the **reduced** grid, 7 rows" in text
     assert "**select after recover: not run.**" in text and "1-minute load average 3.2 before" in text
     assert "the **full** grid, 85 configurations" in text
     # recover rows: the budget, the kept step, the goal verdict, and the corpus comparison
