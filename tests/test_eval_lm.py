@@ -75,7 +75,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow  # exports of a tiny Llama
 def test_a_rerun_measures_only_what_is_missing(tiny, tmp_path, monkeypatch, capsys):
-    results = tmp_path / "eval.json"
+    results = tmp_path / "new" / "eval.json"  # its folder is made
     argv = [f"tiny={tiny['model']}", "--lengths", "16", "32", "--windows", "1", "--trials", "0", "--json", str(results)]
     assert eval_lm.main(argv) == 0
     rows = json.loads(results.read_text())["rows"]
@@ -122,6 +122,19 @@ def test_passkey_trials_extend_and_greedy_answers_agree_with_and_without_a_cache
     assert eval_lm.main([f"dense={tiny['model']}", *common, "--trials", "3", "--json", str(without), "--passkey",
                          "teacher-forced"]) == 0  # only teacher-forced trials were missing
     assert len(passkey_rows(without)["dense", "teacher-forced"]["outcomes"]) == 3
+
+
+@pytest.mark.slow
+def test_a_with_past_model_scores_as_its_text_generation_export(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_scores, "GREEDY_TOKENS", 4)
+    results = tmp_path / "eval.json"
+    assert eval_lm.main([f"plain={tiny['model']}", f"cached={tiny['with_past']}", "--lengths", "60", "--windows", "1",
+                         "--trials", "2", "--json", str(results)]) == 0
+    rows = json.loads(results.read_text())["rows"].values()
+    by = {(r["model"], r["kind"], r.get("scoring")): r for r in rows}
+    np.testing.assert_allclose(by["cached", "ppl", None]["windows"], by["plain", "ppl", None]["windows"], rtol=1e-4)
+    for scoring in lm_scores.SCORINGS:
+        assert by["cached", "passkey", scoring]["answers"] == by["plain", "passkey", scoring]["answers"]
 
 
 def test_a_model_without_logits_is_one_clear_error(tmp_path, capsys):

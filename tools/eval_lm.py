@@ -285,6 +285,7 @@ class Store:
 
     def save(self) -> None:
         if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.path) as tmp:
                 tmp.write_text(json.dumps({"rows": self.rows}, indent=1))
 
