@@ -210,7 +210,7 @@ def _figures(rows: list[dict], length: int, figures: Path) -> list[str]:
     xlim = (0, 1.25 * max(r["kept_at_length"] for r in pruned))
     names = {"perplexity": f"llm_{length}_perplexity.png", "passkey": f"llm_{length}_passkey.png"}
     plot(figures / names["perplexity"], curves(ppl, [(d, d) for d in DOMAINS]),
-         f"SmolLM2 at {length} tokens: held-out perplexity", x_label, "perplexity (log scale)", ylog=True, xlim=xlim,
+         f"SmolLM2 at {length} tokens: held-out perplexity", x_label, "perplexity (held-out)", xlim=xlim,
          levels=[(f"dense, {r['domain']}", r["ppl"]) for r in dense])
     plot(figures / names["passkey"], curves(accuracy, [(s, s) for s in SCORINGS]),
          f"SmolLM2 at {length} tokens: passkey retrieval", x_label, "share of trials retrieved", xlim=xlim, ylim=(-0.05, 1.05),
