@@ -59,3 +59,18 @@ def test_llm_demo_without_smollm2_is_one_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "models.smollm2", None)  # an installed onnxprune, outside the repository
     assert main(["demo", "--llm", "--out", "unused"]) == 2
     assert "models/smollm2.py" in capsys.readouterr().err
+
+
+def test_each_demo_gets_its_own_defaults(monkeypatch):
+    import onnxprune.commands.demo as command
+    import onnxprune.demo_llm
+
+    calls = {}
+    monkeypatch.setattr(command, "run_demo", lambda *a, **k: calls.setdefault("minilm", (a, k)))
+    monkeypatch.setattr(onnxprune.demo_llm, "run_llm_demo",
+                        lambda *a, **k: calls.setdefault("llm", (a, k)) and {"table": ["| model |"]})
+    assert main(["demo", "-q"]) == main(["demo", "--llm", "-q"]) == 0
+    args, kwargs = calls["minilm"]
+    assert args == ("out/demo", (0.5, 0.9), 16)
+    assert (kwargs["calibration_examples"], kwargs["evaluation_examples"]) == (256, 200)
+    assert calls["llm"][0] == ("out/demo-llm", None, 2048, 0.25, 64, 4, 2, 12)
