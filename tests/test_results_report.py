@@ -4,6 +4,7 @@ made-up ones with the real schema), so that a broken report fails here and not a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import sys
@@ -55,6 +56,30 @@ def _write_inputs(out: Path) -> None:
             {"p": None, "median_ms": 10.0, "p10_ms": 9.5, "p90_ms": 11.0, "speedup": 1.0},
             {"p": 0.0, "median_ms": 9.0, "p10_ms": 8.5, "p90_ms": 9.5, "speedup": 1.11},
             {"p": 0.9, "median_ms": 8.0, "p10_ms": 7.5, "p90_ms": 9.0, "speedup": 1.25}]}}}))
+    (out / "llm.json").write_text(json.dumps(_llm()))
+
+
+def _llm_row(model, method, density, domain, length, ppl, passkey):
+    kept = None if density is None else density
+    return {"model": model, "method": method, "density": density, "kept": kept,
+            "kept_at_length": None if kept is None else kept * 2048 / length, "domain": domain, "length": length,
+            "windows": 2, "ppl": ppl, "ppl_last_quarter": ppl - 1, "passkey": passkey, "seed": 0}
+
+
+def _llm():
+    """A reduced LLM grid at 2048 tokens, whole; at 4096 only the dense model ran."""
+    import results_llm
+
+    plan = dataclasses.asdict(results_llm.GRIDS["reduced"])
+    rows = [_llm_row("dense", "dense", None, d, 2048, 11.0, {"teacher-forced": [5, 5], "greedy": [4, 5]})
+            for d in results_llm.DOMAINS]
+    rows += [_llm_row(f"{m}@0.25", m, 0.25, d, 2048, 20.0 if m == "select" else 30.0,
+                      {"teacher-forced": [1, 5], "greedy": [0, 5]})
+             for m in ("select", "streaming") for d in results_llm.DOMAINS]
+    rows.append(_llm_row("dense", "dense", None, "pydoc", 4096, 10.0, {"teacher-forced": [3, 5]}))
+    return {"grid": "reduced", "plan": plan, "model": "smollm2.onnx", "with_past": "kv.onnx", "stats": "stats",
+            "block_size": 64, "threads": 2, "rows": rows, "not_run": {results_llm.RECOVERED: results_llm.RECOVER_NOT_RUN},
+            "loads": {"2048": {"before": 3.2, "after": 4.1, "seconds": 600}}}
 
 
 def test_report_writes_every_section_and_valid_plots(tmp_path):
@@ -65,8 +90,15 @@ def test_report_writes_every_section_and_valid_plots(tmp_path):
     results.run_report(out, quick=False, docs=docs)
     text = (docs / "RESULTS.md").read_text()
     for heading in ("## Encoder", "### Scopes and block sizes", "## Recovery without labels", "## Decoder",
-                    "## Speed", "## Reproduce"):
+                    "## Speed", "## LLM: SmolLM2 at 2k–8k", "### 2048 tokens", "### 4096 tokens", "## Reproduce"):
         assert heading in text, heading
+    # the LLM tables: what ran, and "not run" for the rest of the plan
+    assert "| select@0.25 | 0.250 | 0.250 | 20.00 | 19.00 | 20.00 | 19.00 | 1/5 | 0/5 |" in text
+    assert "| dense | 1.00 | 1.00 | 10.00 | 9.00 | not run | not run | 3/5 | not run |" in text
+    assert "| streaming@0.25 | " + " | ".join(["not run"] * 8) + " |" in text
+    assert "| select after recover | " + " | ".join(["not run"] * 8) + " |" in text
+    assert "LLM: the **reduced** grid, 7 rows" in text
+    assert "**select after recover: not run.**" in text and "1-minute load average 3.2 before" in text
     assert "the **full** grid, 85 configurations" in text
     # recover rows: the budget, the kept step, the goal verdict, and the corpus comparison
     assert "| 0.9 | docstrings | embedding | 30 min | 50 |" in text and "≥ 0.98: not met" in text
@@ -84,8 +116,8 @@ def test_report_writes_every_section_and_valid_plots(tmp_path):
         assert 600 <= width <= 1600 and 400 <= height <= 1000, (name, width, height)
 
 
-FIGURES = ["decoder_perplexity.png", "minilm_blocks.png", "minilm_cosine.png", "minilm_scopes.png",
-           "recover_loss.png", "speed.png"]
+FIGURES = ["decoder_perplexity.png", "llm_2048_passkey.png", "llm_2048_perplexity.png", "minilm_blocks.png",
+           "minilm_cosine.png", "minilm_scopes.png", "recover_loss.png", "speed.png"]
 
 
 def test_figures_have_labelled_axes_and_legends(tmp_path, monkeypatch):
@@ -112,6 +144,46 @@ def test_figures_have_labelled_axes_and_legends(tmp_path, monkeypatch):
     assert "dense (1×)" in legend("speed.png") and "dense, LM fine-tuned as long (baseline)" in legend("decoder_perplexity.png")
     assert legend("recover_loss.png") == ["docstrings, 30 min (50 steps), peak lr 0.0001", "calibration, 50 steps, peak lr 0.0001"]
     assert drawn["recover_loss.png"].axes[0].get_yscale() == "log"
+    assert legend("llm_2048_perplexity.png") == ["select, pydoc", "select, stdlib", "streaming, pydoc",
+                                                 "streaming, stdlib", "dense, pydoc", "dense, stdlib"]
+    assert legend("llm_2048_passkey.png") == ["select, teacher-forced", "select, greedy", "streaming, teacher-forced",
+                                              "streaming, greedy", "dense, teacher-forced", "dense, greedy"]
+
+
+def test_the_llm_section_says_when_it_did_not_run(tmp_path):
+    import results_llm
+
+    assert results_llm.llm_section(None, tmp_path) == ["## LLM: SmolLM2 at 2k–8k", "",
+                                                       "Not run (`python tools/results.py llm [--reduced]`).", ""]
+
+
+def test_the_llm_grid_runs_eval_lm_length_by_length_and_keeps_the_rows(tmp_path, monkeypatch):
+    import eval_lm
+    import results_llm
+
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        return [_llm_row(label, label.split("@")[0], None, d, args.lengths[0], 12.0, {"greedy": [1, 2]})
+                for label in ("dense", "select@0.25") for d in args.domains]
+
+    monkeypatch.setattr(eval_lm, "run", fake_run)
+    files = {name: tmp_path / name for name in ("m.onnx", "kv.onnx", "s.safetensors")}
+    options = dict(model=files["m.onnx"], with_past=files["kv.onnx"], stats=files["s.safetensors"])
+    results_llm.run_llm(tmp_path, "reduced", 2, lengths=[4096, 2048], trials=30, **options)
+    assert [a.lengths for a in calls] == [[2048], [4096]]  # shortest first
+    first = calls[0]
+    assert (first.models, first.stats, first.with_past) == ([f"dense={files['m.onnx']}"], files["s.safetensors"],
+                                                            files["kv.onnx"])
+    assert (first.methods, first.densities, first.windows, first.trials, first.block_size) == (
+        ["select", "streaming"], [0.25], 2, 30, 64)
+    assert first.domains == ["pydoc", "stdlib"] and first.passkey == ["teacher-forced", "greedy"]
+    assert first.json == tmp_path / "llm" / "measurements.json"
+    saved = json.loads((tmp_path / "llm.json").read_text())
+    assert len(saved["rows"]) == 8 and saved["plan"]["trials"] == 30 and set(saved["loads"]) == {"2048", "4096"}
+    results_llm.run_llm(tmp_path, "reduced", 2, lengths=[2048], **options)  # rows are replaced, not repeated
+    assert len(json.loads((tmp_path / "llm.json").read_text())["rows"]) == 8
 
 
 def test_report_without_matplotlib_writes_nothing(tmp_path, monkeypatch):

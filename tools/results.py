@@ -11,10 +11,16 @@ Sections (each writes JSON under --out; `report` turns them into docs/RESULTS.md
   decoder  a small GPT-2 trained here on stdlib source; perplexity vs p post-training, after
            recover, and with the masks applied during language-model fine-tuning.
   speed    the same pruned models timed whole in ONNX Runtime against the dense one.
+  llm      SmolLM2-135M-Instruct at 2048, 4096 and 8192 tokens (tools/results_llm.py, measured by
+           tools/eval_lm.py): perplexity on two text domains and passkey retrieval (teacher-forced
+           and greedy) of the dense model and of select, streaming and duo at equal kept shares;
+           resumable window by window and trial by trial. --reduced: fewer lengths, shares,
+           windows and trials.
   report   docs/RESULTS.md + docs/results/*.png from the JSON files.
 
     python tools/results.py all            # what `make results` runs
     python tools/results.py sweep --quick  # a smoke run (labelled as such in the report)
+    python tools/results.py llm --reduced --llm-lengths 2048  # a slice of the LLM grid
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from onnxprune.data import load_tokenizer, tokenize  # noqa: E402
 from onnxprune.demo import default_model_dir, nearest_neighbours  # noqa: E402
 from onnxprune.model_io import atomic_path  # noqa: E402
 from onnxprune.stdlib_text import CALIBRATION_MODULES, EVALUATION_MODULES, docstrings  # noqa: E402
+from result_plots import MARKERS, Curve, plot  # noqa: E402
+from results_llm import llm_section, run_llm  # noqa: E402
 
 SPARSITIES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
 SCOPES = ("layer", "head", "global")
@@ -561,55 +569,6 @@ REFERENCE = {0.2: (0.985, 0.94), 0.5: (0.904, 0.86), 0.8: (0.687, 0.72), 0.9: (0
 REFERENCE_RECOVERED = {0.5: 0.986, 0.9: 0.962}
 REFERENCE_LABEL = "reference (the issue's PyTorch run), at its nominal p"
 
-#: One marker per curve as well as one colour, so that curves stay apart in grayscale print.
-_MARKERS = "osD^vP"
-
-
-@dataclasses.dataclass
-class Curve:
-    """One line of a plot. ``reference``: a value to compare against, not a result of this run
-    (drawn dashed and gray); ``markers``: how many points carry a marker (None: every point)."""
-
-    label: str
-    xs: list
-    ys: list
-    reference: bool = False
-    markers: int | None = None
-
-
-def plot(path: Path, curves: list[Curve], title: str, xlabel: str, ylabel: str, *, levels=(), ylog=False,
-         xlim=None, ylim=None) -> None:
-    """A line chart with its axes, labels and a legend naming every curve. ``levels``: (label, y)
-    horizontal lines (a baseline such as the dense model's)."""
-    from onnxprune.figures import new_figure, save_figure
-
-    figure = new_figure(6.4, 4.2, dpi=150)
-    ax = figure.subplots()
-    colours = iter(f"C{i}" for i in range(10))
-    for index, curve in enumerate(curves):
-        style = (dict(color="0.45", linestyle="--", marker="x", markersize=7) if curve.reference else
-                 dict(color=next(colours), marker=_MARKERS[index % len(_MARKERS)], markersize=5))
-        every = None if curve.markers is None else max(1, len(curve.xs) // curve.markers)
-        ax.plot(curve.xs, curve.ys, label=curve.label, linewidth=1.5, markevery=every, **style)
-    for label, y in levels:
-        ax.axhline(y, color="0.3", linestyle=":", linewidth=1.2, label=label)
-    if ylog:
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        ax.set_yscale("log")
-        # 1-2-5 ticks in plain decimals: readable without counting decades
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlim=xlim, ylim=ylim)
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="major", alpha=0.35)
-    ax.legend(fontsize=8, framealpha=0.9)
-    save_figure(figure, path)  # atomic: a half-written plot never replaces the last one
-
-
 def _f(value, digits=4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -621,7 +580,7 @@ def _machine_note(section: dict | None) -> str:
     return f"1-minute load average before the run {section['load_before']:.1f} (other jobs on the 2 cores)"
 
 
-def scale_paragraph(sweep, recovered, decoder) -> str:
+def scale_paragraph(sweep, recovered, decoder, llm=None) -> str:
     parts = []
     if sweep:
         parts.append(f"MiniLM sweep: the **{sweep.get('grid', 'partial')}** grid, {len(sweep['rows'])} configurations")
@@ -631,6 +590,8 @@ def scale_paragraph(sweep, recovered, decoder) -> str:
                                                            "minutes" if budgets else ""))
     if decoder:
         parts.append(f"decoder: {decoder.get('layers', 3)} layers trained for {decoder['train']['steps']} steps")
+    if llm:
+        parts.append(f"LLM: the **{llm['grid']}** grid, {len(llm['rows'])} rows (model × domain × length) measured")
     return ("On the 2-core development machine (AMD EPYC, 2 vCPUs); " + "; ".join(parts) + ". Numbers are exact for "
             "what ran; anything that did not run is absent or marked. Wall-clock times depend on what else the machine "
             "ran; CPU times are listed beside them where it matters.")
@@ -692,7 +653,7 @@ def recover_section(runs: list[dict], sweep, figures: Path) -> list[str]:
               "loss did best on this metric, per-layer hidden states next, adding attention outputs last, by small "
               "margins. `recover` defaults to `hidden` because it also serves models whose every token's output matters "
               "(the GPT-2 below); `--objective embedding` suits sentence-embedding models."]
-    plotted = [r for r in runs if r["p"] == 0.9 and r["objective"] == "embedding"][: len(_MARKERS)]
+    plotted = [r for r in runs if r["p"] == 0.9 and r["objective"] == "embedding"][: len(MARKERS)]
     if plotted:
         curves = []
         for r in plotted:
@@ -757,7 +718,7 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
              "Generated by `make results` (`tools/results.py`) on the 2-core development machine. Every number below",
              "comes from the JSON files its sections wrote under `out/results/`; where sections ran side by side, the",
              "threads column says so.", ""]
-    lines += ["## Scale of this run", "", scale_paragraph(sweep, recovered["runs"], decoder), ""]
+    lines += ["## Scale of this run", "", scale_paragraph(sweep, recovered["runs"], decoder, load("llm.json")), ""]
     if sweep:
         rows = sweep["rows"]
         pick = lambda kind, block, scope: sorted((r for r in rows if (r["kind"], r["block"], r["scope"]) == (kind, block, scope)),  # noqa: E731
@@ -898,11 +859,12 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
                   "*Held-out perplexity against p: post-training masks, after recover, and after the language-model "
                   "fine-tune with the mask, beside the dense model fine-tuned for as many steps.*", ""]
     lines += speed_section(load("speed.json"), figures)
+    lines += llm_section(load("llm.json"), figures)
     extra = [json.loads(f.read_text()) for f in sorted(out.glob("recover.*.json"))]
     lines += ["## Reproduce", "",
-              "`make results` runs every section (sweep, recover, decoder, speed, report) with the defaults that made the "
+              "`make results` runs every section (sweep, recover, decoder, speed, llm, report) with the defaults that made the "
               "tables above, except for extra recover rows marked as such; `python tools/results.py "
-              "sweep|recover|decoder|speed|report [--reduced] [--threads N]` runs one. Each section resumes from the "
+              "sweep|recover|decoder|speed|llm|report [--reduced] [--threads N]` runs one. Each section resumes from the "
               "JSON it already wrote under `out/results/` (delete a file to redo its section)."
               + ("" if not extra else " Extra recover rows came from `--recover-runs` with " + ", ".join(
                   f"`{r['p']}:{r['objective']}:{r.get('steps_limit', r['steps'])}:{r.get('lr', 1e-4):g}"
@@ -921,12 +883,20 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=("sweep", "recover", "decoder", "speed", "report", "all"))
+    parser.add_argument("section", choices=("sweep", "recover", "decoder", "speed", "llm", "report", "all"))
     parser.add_argument("--out", default=str(ROOT / "out" / "results"), help="working directory (default out/results)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (a few configurations, short training)")
     parser.add_argument("--reduced", action="store_true",
                         help="sweep: a reduced grid (every p for block 16 and element masks at scope layer, p = 0.5 and "
-                             "0.9 elsewhere) instead of all 85 configurations")
+                             "0.9 elsewhere) instead of all 85 configurations; llm: 2048 and 4096 tokens, kept share "
+                             "0.25, select and streaming, 2 windows and 10 passkey trials")
+    llm = parser.add_argument_group("llm (SmolLM2; default: exported under build/eval_lm/, calibrated under --out)")
+    llm.add_argument("--llm-model", type=Path, help="its text-generation export")
+    llm.add_argument("--llm-with-past", type=Path, help="its text-generation-with-past export")
+    llm.add_argument("--llm-stats", type=Path, help="the text-generation export's statistics")
+    llm.add_argument("--llm-lengths", type=int, nargs="+", help="these lengths instead of the grid's")
+    llm.add_argument("--llm-windows", type=int, help="perplexity windows per length and domain")
+    llm.add_argument("--llm-trials", type=int, help="passkey trials per length and scoring")
     parser.add_argument("--threads", type=int, default=2, help="threads per process (default 2)")
     parser.add_argument("--decoder-steps", type=int, help="decoder: training steps (default 600)")
     parser.add_argument("--recover-runs", metavar="P:OBJECTIVE:STEPS[:LR[:MINUTES[:CORPUS]]],...",
@@ -936,7 +906,7 @@ def main(argv=None) -> int:
     THREADS = args.threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = ("sweep", "recover", "decoder", "speed", "report") if args.section == "all" else (args.section,)
+    sections = ("sweep", "recover", "decoder", "speed", "llm", "report") if args.section == "all" else (args.section,)
     for section in sections:
         t0 = time.perf_counter()
         if section == "sweep":
@@ -946,6 +916,9 @@ def main(argv=None) -> int:
         elif section == "recover" and args.recover_runs:
             runs = [RecoverRun.parse(r) for r in args.recover_runs.split(",")]
             run_recover(out, args.quick, runs, name=f"recover.{args.recover_runs.replace(':', '_').replace(',', '-')}.json")
+        elif section == "llm":
+            run_llm(out, "quick" if args.quick else "reduced" if args.reduced else "full", THREADS, args.llm_model,
+                    args.llm_with_past, args.llm_stats, args.llm_lengths, args.llm_windows, args.llm_trials)
         elif section == "report":
             # A smoke run's report stays beside its JSON: it must not replace the real docs/RESULTS.md.
             run_report(out, args.quick, docs=out / "docs" if args.quick else ROOT / "docs")
