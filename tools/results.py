@@ -18,7 +18,9 @@ Sections (each writes JSON under --out; `report` turns them into docs/RESULTS.md
            windows and trials.
   report   docs/RESULTS.md + docs/results/*.png from the JSON files.
 
-    python tools/results.py all            # what `make results` runs
+`all` runs every section but llm, which takes hours more (`make results-llm`).
+
+    python tools/results.py all            # what `make results` runs (every section but llm)
     python tools/results.py sweep --quick  # a smoke run (labelled as such in the report)
     python tools/results.py llm --reduced --llm-lengths 2048  # a slice of the LLM grid
 """
@@ -862,7 +864,7 @@ def run_report(out: Path, quick: bool, docs: Path = ROOT / "docs") -> None:
     lines += llm_section(load("llm.json"), figures)
     extra = [json.loads(f.read_text()) for f in sorted(out.glob("recover.*.json"))]
     lines += ["## Reproduce", "",
-              "`make results` runs every section (sweep, recover, decoder, speed, llm, report) with the defaults that made the "
+              "`make results` runs every section but llm (sweep, recover, decoder, speed, report; `make results-llm` runs llm and the report) with the defaults that made the "
               "tables above, except for extra recover rows marked as such; `python tools/results.py "
               "sweep|recover|decoder|speed|llm|report [--reduced] [--threads N]` runs one. Each section resumes from the "
               "JSON it already wrote under `out/results/` (delete a file to redo its section)."
@@ -906,7 +908,8 @@ def main(argv=None) -> int:
     THREADS = args.threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = ("sweep", "recover", "decoder", "speed", "llm", "report") if args.section == "all" else (args.section,)
+    # The LLM grid takes hours more (14 h in full on 2 cores): `make results-llm` runs it on its own.
+    sections = ("sweep", "recover", "decoder", "speed", "report") if args.section == "all" else (args.section,)
     for section in sections:
         t0 = time.perf_counter()
         if section == "sweep":
