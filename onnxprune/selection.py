@@ -134,13 +134,14 @@ def _budget(sites: dict[str, _Site], density: float) -> float:
 
 
 def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_sites: set[str] | None = None,
-                   fill: bool = True, full_heads: int = 0, scope: str = "global") -> Layouts:
+                   fill: bool = True, full_heads: int | None = 0, scope: str = "global") -> Layouts:
     """Per head, the pattern (sinks + band, or full) that together drop the least calibration
     mass within ``density`` of the dense blocks; leftover budget (``fill``) buys single blocks.
 
     ``full_heads`` per site are kept full first: those that drop the most mass under one sink
     block and the diagonal. Mass alone never buys them — a band near the diagonal recovers more
-    mass per block — yet retrieval far back (a passkey) needs them.
+    mass per block — yet retrieval far back (a passkey) needs them. ``None``: one per site where
+    the budget affords it (:func:`affordable_full_heads`).
 
     ``scope``: ``global`` (default) one budget for all sites, spent where the mass is; ``layer``
     each site ``density`` of its own blocks (as AP's default does). On SmolLM2 neither wins
@@ -150,6 +151,8 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
     sites = _sites(stats, block_size, causal_sites)
     if density == 1.0:  # dense: every head full, also beyond the grid
         return duo_layouts(stats, density, 0, 0, block_size, causal_sites, method="select")
+    if full_heads is None:
+        full_heads = affordable_full_heads(sites, density)
     heads = []  # (site, head, rules, masks, cost, loss, hull)
     for name, site in sites.items():
         rules, masks = candidates(*site.mass.shape[1:], site.causal)
@@ -174,6 +177,24 @@ def select_layouts(stats: Stats, density: float, block_size: int = 16, causal_si
         if fill:
             _fill({n: sites[n] for n in group}, layouts, left)
     return _finish(stats, block_size, sites, layouts, rules, sparsity=1.0 - density, method="select")
+
+
+def affordable_full_heads(sites: dict[str, _Site], density: float) -> int:
+    """1 when the budget pays for one full head per site and still leaves every other head a sink
+    block, the diagonal and the block before it; else 0.
+
+    On SmolLM2 calibrated at 4096 tokens, one full head per layer keeps perplexity below
+    StreamingLLM's at kept shares 0.25 and 0.35 and lifts passkey retrieval from 1/10 to 5–6/10;
+    where it leaves the other heads less than that (0.15 at 4096; 0.25 and 0.35 at 1024 tokens,
+    where perplexity rose 20–50% over StreamingLLM), it costs more than it brings
+    (docs/SELECTION.md)."""
+    need = 0.0
+    for site in sites.values():
+        heads, mq, mk = site.mass.shape
+        full = (draw(full_rule(site.causal), mq, mk, site.causal) * site.weight).sum()
+        local = (draw(band_rule(1, 1, site.causal), mq, mk, site.causal) * site.weight).sum()
+        need += full + (heads - 1) * local
+    return int(need <= _budget(sites, density) + 1e-9)
 
 
 def _choose(heads: list[tuple], budget: float) -> tuple[list[int], float]:
@@ -282,7 +303,7 @@ def default_method(causal_sites: set[str] | None) -> str:
 
 def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *, method: str | None = "select",
           pattern: str | None = None, density: float | None = None, sink_tokens: int = 0, window_tokens: int = 0,
-          scope: str | None = None, keep_diagonal: bool = True, full_heads: int = 0) -> Layouts:
+          scope: str | None = None, keep_diagonal: bool = True, full_heads: int | None = 0) -> Layouts:
     """The layouts of one named method (``method``) or baseline pattern (``pattern``), the one
     entry point ``prune`` uses: ``select`` and ``duo`` and ``ap`` meet ``density``; ``streaming``
     is what ``sink_tokens`` and ``window_tokens`` say (rounded up to whole blocks). ``scope``

@@ -174,3 +174,15 @@ def test_auto_selects_for_causal_sites_and_takes_ap_for_the_others():
     stats = mixed_stats()
     assert learn(stats, G, {"s"}, method="auto", density=0.5).method == "select"
     assert learn(stats, G, set(), method="auto", density=0.5).method == "ap"
+
+
+@pytest.mark.parametrize("density, expected", [(0.6, 0), (0.7, 1)])
+def test_auto_full_heads_only_where_the_others_keep_a_sink_and_a_local_band(density, expected):
+    # 4 heads on an 8-block causal grid: a full head computes 36 blocks, sink + diagonal + the
+    # block before it 21, so one full head and three such heads need 99 of 4 × 36 = 144 blocks.
+    # Local heads: mass alone never makes one full.
+    stats = causal_stats(np.stack([local_head()] * 4))
+    learned = select_layouts(stats, density, G, {"s"}, full_heads=None)
+    full = [tuple(rule) == full_rule(True) for rule in learned.sites["s"].rule.tolist()]
+    assert sum(full) == expected
+    assert learned.sites["s"].density <= density + 1e-9
