@@ -76,7 +76,8 @@ def case(id, **kw):
 CASES = [
     # Sq over 1..16 (a vector of 16, 8 or 4 rows holds one head, several, or a part), G in {1, 3},
     # Sk not a multiple of the block, causal, queries at the end.
-    *(case(f"sq{sq}-g{g}", Sq=sq, G=g, Sk=200, block=32, causal=True) for sq in (1, 2, 3, 5, 8, 13, 16) for g in (1, 3)),
+    *(case(f"sq{sq}-g{g}", Sq=sq, G=g, Sk=200, block=32, causal=True)
+      for sq in (1, 2, 3, 5, 8, 13, 16) for g in (1, 3)),
     case("single-block", Sq=4, G=3, Sk=20, block=32, causal=True),
     case("single-key", Sq=1, G=3, Sk=1, block=16),
     # Queries straddling a block boundary (positions 60 .. 69 of block 64): rows of two block rows.

@@ -23,7 +23,8 @@ With --decode, a KV-cache decode step of SmolLM2's shapes (9 query heads, 3 KV h
 queries at the end): ORT's Attention (opset 23, grouped K/V), this library's kernel, and with
 --previous-library another build of the library (the kernel before the decode path), each
 cycling through --layers copies of Q, K and V so that K and V come from memory, not the cache,
-as in a model's forward step; plus the K/V bytes a step reads and the machine's copy bandwidth.
+as in a model's forward step; plus the K/V bytes a step reads (the blocks some query head of a
+KV group keeps, once per KV head) and that rate against numpy's copy bandwidth, same threads.
 Runs are interleaved (one of each contestant in turn) so load from other processes hits all
 alike; the table gives medians. GEMM is ORT's MatMul on 2048² × 2048² float32 matrices, the
 machine's practical float32 rate; "GFLOP/s kept" counts 4·bs²·D per computed block.
@@ -340,11 +341,24 @@ def group_kept_blocks(layout: np.ndarray, sk: int, sq: int, block: int) -> int:
     return int(per_head.reshape(DECODE_KV_HEADS, group, -1).any(axis=1).sum())
 
 
-def copy_bandwidth(seconds: float) -> float:
-    """GB/s of a numpy copy of 256 MiB (bytes read + bytes written), median of repeats."""
+def copy_bandwidth(threads: int, seconds: float) -> float:
+    """GB/s (bytes read + bytes written) of numpy copying 256 MiB, split among `threads` Python
+    threads (numpy releases the GIL while it copies); median of repeats."""
+    import threading
+
     src = np.ones(64 * 2**20, np.float32)
     dst = np.empty_like(src)
-    c = Contestant("copy", lambda: np.copyto(dst, src))
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+    def copy():
+        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    c = Contestant("copy", copy)
     time_interleaved([c], seconds)
     return 2 * src.nbytes / (median_ms(c) / 1e3) / 1e9
 
@@ -352,21 +366,25 @@ def copy_bandwidth(seconds: float) -> float:
 def decode_table(args) -> None:
     block, d, layers = args.blocks[0], args.head_size, args.layers
     print(f"Decode step: B=1, {DECODE_HEADS} query / {DECODE_KV_HEADS} KV heads, D={d}, block {block}, "
-          f"float32, queries at the end; {layers} copies of Q, K, V cycled (K/V from memory); "
-          "median ms per call of interleaved runs")
+          f"float32, queries at the end; {layers} copies of Q, K, V cycled (K and V of a step come from memory "
+          "once the copies exceed the caches); median ms per call of interleaved runs")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    bandwidth = copy_bandwidth(args.seconds / 2)
-    print(f"numpy copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
+    bandwidth = {t: copy_bandwidth(t, args.seconds / 2) for t in sorted(set(args.threads) | {1})}
+    print("numpy copy of 256 MiB (read + write): "
+          + ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items()))
     names = ["attention"] + (["previous"] if args.previous_library else []) + ["bsa"]
     header = (f"{'thr':>3} {'Sq':>3} {'Sk':>5} {'kept':>5} {'group kept':>10} {'K/V MB':>6} "
               + " ".join(f"{n + ' ms':>12}" for n in names)
-              + (f" {'previous/bsa':>12}" if args.previous_library else "") + f" {'attention/bsa':>13} {'bsa GB/s':>8}")
+              + (f" {'previous/bsa':>12}" if args.previous_library else "")
+              + f" {'attention/bsa':>13} {'bsa GB/s':>8} {'% of copy':>9}")
     lines = [header]
     print(header, file=sys.stderr, flush=True)
     for threads in args.threads:
         dense = session(attention23_model(), threads)
         bsa = session(decode_bsa_model(block), threads, with_library=True)
-        previous = library_session(decode_bsa_model(block), threads, args.previous_library) if args.previous_library else None
+        previous = None
+        if args.previous_library:
+            previous = library_session(decode_bsa_model(block), threads, args.previous_library)
         for sk in args.seq:
             blocks = -(-sk // block)
             for sq in args.queries:
@@ -400,10 +418,12 @@ def decode_table(args) -> None:
                     ms = {c.name: median_ms(c) for c in contestants}
                     kept_blocks = group_kept_blocks(layout, sk, sq, block)
                     kv_bytes = kept_blocks * block * 2 * d * 4
-                    line = (f"{threads:>3} {sq:>3} {sk:>5} {kept:>5.2f} {kept_blocks / (DECODE_KV_HEADS * blocks):>10.2f} "
+                    group_share = kept_blocks / (DECODE_KV_HEADS * blocks)
+                    line = (f"{threads:>3} {sq:>3} {sk:>5} {kept:>5.2f} {group_share:>10.2f} "
                             f"{kv_bytes / 1e6:>6.2f} " + " ".join(f"{ms[n]:>12.3f}" for n in names)
                             + (f" {ms['previous'] / ms['bsa']:>11.2f}×" if previous is not None else "")
-                            + f" {ms['attention'] / ms['bsa']:>12.2f}× {kv_bytes / (ms['bsa'] / 1e3) / 1e9:>8.1f}")
+                            + f" {ms['attention'] / ms['bsa']:>12.2f}× {kv_bytes / (ms['bsa'] / 1e3) / 1e9:>8.1f}"
+                            f" {100 * kv_bytes / (ms['bsa'] / 1e3) / 1e9 / bandwidth[threads]:>8.0f}%")
                     lines.append(line)
                     print(line, file=sys.stderr, flush=True)
     print("\n".join(lines))
