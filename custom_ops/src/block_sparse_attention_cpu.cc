@@ -353,9 +353,9 @@ size_t bsa_num_tasks(const BsaParams& p) {
 }
 
 // Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).
-#define BSA_DECLARE_KERNEL(isa)                                                 \
-  namespace isa {                                                               \
-  bool run_task(const BsaParams& p, size_t task);                               \
+#define BSA_DECLARE_KERNEL(isa)                                                     \
+  namespace isa {                                                                   \
+  bool run_task(const BsaParams& p, size_t task);                                   \
   bool run_decode_task(const BsaParams& p, const BsaDecodePlan& plan, size_t task); \
   }
 BSA_DECLARE_KERNEL(cpu_baseline)
@@ -367,7 +367,7 @@ BSA_DECLARE_KERNEL(cpu_avx512)
 
 namespace {
 
-// Return false when the task could not get its working memory.
+// Each returns false when the task could not get its working memory.
 using RunTaskFn = bool (*)(const BsaParams& p, size_t task);
 using RunDecodeFn = bool (*)(const BsaParams& p, const BsaDecodePlan& plan, size_t task);
 
@@ -432,14 +432,15 @@ struct DecodePlanStorage {
   std::vector<int32_t> finished;
 };
 
-// Fewest keys a chunk gets: below this the partial result and the merge cost more than the
-// chunk's own work.
+// Fewest keys a chunk gets, so that writing and merging its partial result (rows × Dv floats)
+// stays small next to reading its K/V.
 constexpr int64_t kDecodeMinChunkKeys = 256;
 // Chunks per (b, hk) aim at this many tasks per core, for balance among the pool's threads.
 constexpr int64_t kDecodeTasksPerCore = 4;
 
 int64_t machine_cores() {
-  static const int64_t cores = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  static const int64_t cores =
+      std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
   return cores;
 }
 
@@ -454,7 +455,8 @@ void build_decode_plan(const BsaParams& p, DecodePlanStorage* s) {
       const int64_t hl = p.Hl == 1 ? 0 : h;
       for (int64_t qb = first_pos / bs; qb <= last_pos / bs; ++qb) {
         // Causal masking leaves no key of a block past the row's last position.
-        const int64_t kb_end = p.is_causal ? std::min(nkb, std::min(last_pos, qb * bs + bs - 1) / bs + 1) : nkb;
+        const int64_t row_last = std::min(last_pos, qb * bs + bs - 1);
+        const int64_t kb_end = p.is_causal ? std::min(nkb, row_last / bs + 1) : nkb;
         const int64_t explicit_end = qb < p.Mq ? std::min(p.Mk, kb_end) : 0;
         for (int64_t kb = 0; kb < explicit_end; ++kb) mark[kb] |= bsa_block_kept(p, hl, qb, kb);
         const int64_t* rule = p.layout_rule != nullptr ? p.layout_rule + hl * kRuleColumns : nullptr;
@@ -470,7 +472,8 @@ void build_decode_plan(const BsaParams& p, DecodePlanStorage* s) {
     s->kept_begin.push_back(static_cast<int64_t>(s->kept.size()));
   }
   int64_t most_kept = 0;
-  for (int64_t hk = 0; hk < p.Hkv; ++hk) most_kept = std::max(most_kept, s->kept_begin[hk + 1] - s->kept_begin[hk]);
+  for (int64_t hk = 0; hk < p.Hkv; ++hk)
+    most_kept = std::max(most_kept, s->kept_begin[hk + 1] - s->kept_begin[hk]);
   const int64_t pairs = p.B * p.Hkv, min_chunk_blocks = std::max<int64_t>(1, kDecodeMinChunkKeys / bs);
   const int64_t wanted = (kDecodeTasksPerCore * machine_cores() + pairs - 1) / pairs;
   const int64_t chunks = std::max<int64_t>(1, std::min(wanted, most_kept / min_chunk_blocks));
