@@ -84,6 +84,7 @@ CASES = [
     case("offset-straddles", Sq=10, G=3, Sk=70, block=64, causal=True, density=0.5),
     case("queries-at-start", Sq=5, G=3, Sk=300, block=32, at_end=False),
     case("queries-at-start-causal", Sq=16, G=1, Sk=90, block=16, at_end=False, causal=True),
+    case("more-queries-than-keys", Sq=12, G=3, Sk=5, block=16, at_end=False, causal=True),
     case("padding-bool", B=2, Sq=3, G=3, Sk=150, block=32, padding=np.bool_, causal=True),
     case("padding-int64", B=2, Sq=1, G=1, Sk=150, block=16, padding=np.int64),
     case("empty-head", Sq=2, G=3, Sk=130, block=16, empty_heads=(1,), causal=True),
