@@ -7,6 +7,7 @@ ONNX Runtime offers on CPU, and against a float32 GEMM ceiling, all measured in 
     .venv/bin/python tools/bench_attention.py --flex --blocks 128  # + torch FlexAttention (compiled)
     .venv/bin/python tools/bench_attention.py --memory --seq 8192  # peak working memory instead
     .venv/bin/python tools/bench_attention.py --rule --seq 2048 --threads 1  # layout_rule vs explicit
+    .venv/bin/python tools/bench_attention.py --decode --previous-library /work/lib-main/libonnxprune_ops.so
 
 Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread count):
   decomposed  ORT: Transpose → MatMul → Mul → Softmax → MatMul (what exporters emit)
@@ -18,6 +19,12 @@ Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread c
 The layout keeps every diagonal block plus random others up to the asked fraction, per head.
 With --rule, the table compares instead the same sink + local-window layout given two ways, in one
 interleaved run: by a layout_rule beyond an empty explicit region, and written out block by block.
+With --decode, a KV-cache decode step of SmolLM2's shapes (9 query heads, 3 KV heads, D = 64,
+queries at the end): ORT's Attention (opset 23, grouped K/V), this library's kernel, and with
+--previous-library another build of the library (the kernel before the decode path), each
+cycling through --layers copies of Q, K and V so that K and V come from memory, not the cache,
+as in a model's forward step; plus the K/V bytes a step reads (the blocks some query head of a
+KV group keeps, once per KV head) and that rate against numpy's copy bandwidth, same threads.
 Runs are interleaved (one of each contestant in turn) so load from other processes hits all
 alike; the table gives medians. GEMM is ORT's MatMul on 2048² × 2048² float32 matrices, the
 machine's practical float32 rate; "GFLOP/s kept" counts 4·bs²·D per computed block.
@@ -299,14 +306,140 @@ def rule_table(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# KV-cache decode steps (grouped query heads, queries at the end)
+
+DECODE_HEADS, DECODE_KV_HEADS = 9, 3  # SmolLM2-135M
+
+
+def decode_bsa_model(block: int) -> bytes:
+    inputs = _float_inputs("QKV") + [helper.make_tensor_value_info("layout", TensorProto.UINT8, None)]
+    node = helper.make_node("BlockSparseAttention", ["Q", "K", "V", "layout"], ["Y"], domain="onnxprune",
+                            block_size=block, queries_at_end=1)
+    return _model([node], inputs, extra_opsets=[("onnxprune", 2)])
+
+
+def library_session(model: bytes, threads: int, library: str) -> ort.InferenceSession:
+    options = session_options(threads, with_library=False)
+    options.register_custom_ops_library(library)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def decode_layout(kept: float, blocks: int, rng) -> np.ndarray:
+    """Per query head its own random key blocks (the diagonal always), about `kept` of each row."""
+    layout = rng.random((DECODE_HEADS, blocks, blocks)) < max(kept - 1 / blocks, 0) / (1 - 1 / blocks)
+    layout[:, np.arange(blocks), np.arange(blocks)] = True
+    return layout.astype(np.uint8)
+
+
+def group_kept_blocks(layout: np.ndarray, sk: int, sq: int, block: int) -> int:
+    """Key blocks a step reads, summed over KV heads: those some query head of the group keeps
+    in the block rows of the queries (the decode path reads each once per KV head)."""
+    rows = sorted({(sk - sq + i) // block for i in range(sq)})
+    per_head = layout[:, rows, :].any(axis=1)  # [Hq, blocks]
+    group = DECODE_HEADS // DECODE_KV_HEADS
+    return int(per_head.reshape(DECODE_KV_HEADS, group, -1).any(axis=1).sum())
+
+
+def copy_bandwidth(threads: int, seconds: float) -> float:
+    """GB/s (bytes read + bytes written) of numpy copying 256 MiB, split among `threads` Python
+    threads (numpy releases the GIL while it copies); median of repeats."""
+    import threading
+
+    src = np.ones(64 * 2**20, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+    def copy():
+        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    c = Contestant("copy", copy)
+    time_interleaved([c], seconds)
+    return 2 * src.nbytes / (median_ms(c) / 1e3) / 1e9
+
+
+def decode_table(args) -> None:
+    block, d, layers = args.blocks[0], args.head_size, args.layers
+    print(f"Decode step: B=1, {DECODE_HEADS} query / {DECODE_KV_HEADS} KV heads, D={d}, block {block}, "
+          f"float32, queries at the end; {layers} copies of Q, K, V cycled (K and V of a step come from memory "
+          "once the copies exceed the caches); median ms per call of interleaved runs")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    bandwidth = {t: copy_bandwidth(t, args.seconds / 2) for t in sorted(set(args.threads) | {1})}
+    print("numpy copy of 256 MiB (read + write): "
+          + ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items()))
+    names = ["attention"] + (["previous"] if args.previous_library else []) + ["bsa"]
+    header = (f"{'thr':>3} {'Sq':>3} {'Sk':>5} {'kept':>5} {'group kept':>10} {'K/V MB':>6} "
+              + " ".join(f"{n + ' ms':>12}" for n in names)
+              + (f" {'previous/bsa':>12}" if args.previous_library else "")
+              + f" {'attention/bsa':>13} {'bsa GB/s':>8} {'% of copy':>9}")
+    lines = [header]
+    print(header, file=sys.stderr, flush=True)
+    for threads in args.threads:
+        dense = session(attention23_model(), threads)
+        bsa = session(decode_bsa_model(block), threads, with_library=True)
+        previous = None
+        if args.previous_library:
+            previous = library_session(decode_bsa_model(block), threads, args.previous_library)
+        for sk in args.seq:
+            blocks = -(-sk // block)
+            for sq in args.queries:
+                rng = np.random.default_rng([sk, sq])
+                copies = [{"Q": rng.standard_normal((1, DECODE_HEADS, sq, d)).astype(np.float32),
+                           "K": rng.standard_normal((1, DECODE_KV_HEADS, sk, d)).astype(np.float32),
+                           "V": rng.standard_normal((1, DECODE_KV_HEADS, sk, d)).astype(np.float32)}
+                          for _ in range(layers)]
+                for kept in args.kept:
+                    layout = decode_layout(kept, blocks, np.random.default_rng([sk, sq, round(kept * 1000)]))
+                    feeds = [dict(c, layout=layout) for c in copies]
+                    out = bsa.run(None, feeds[0])[0]
+                    if previous is not None:
+                        assert np.abs(previous.run(None, feeds[0])[0] - out).max() < 1e-4, "the two builds differ"
+                    if layout.all():
+                        ref = dense.run(None, copies[0])[0]
+                        assert np.abs(ref - out).max() < 1e-4, "bsa with every block kept differs from dense"
+                    step = {"i": 0}
+
+                    def cycled(sess, with_layout=True):
+                        def run():
+                            step["i"] = (step["i"] + 1) % layers
+                            sess.run(None, feeds[step["i"]] if with_layout else copies[step["i"]])
+                        return run
+
+                    contestants = [Contestant("attention", cycled(dense, with_layout=False))]
+                    if previous is not None:
+                        contestants.append(Contestant("previous", cycled(previous)))
+                    contestants.append(Contestant("bsa", cycled(bsa)))
+                    time_interleaved(contestants, args.seconds, min_repeats=5 * layers)
+                    ms = {c.name: median_ms(c) for c in contestants}
+                    kept_blocks = group_kept_blocks(layout, sk, sq, block)
+                    kv_bytes = kept_blocks * block * 2 * d * 4
+                    group_share = kept_blocks / (DECODE_KV_HEADS * blocks)
+                    line = (f"{threads:>3} {sq:>3} {sk:>5} {kept:>5.2f} {group_share:>10.2f} "
+                            f"{kv_bytes / 1e6:>6.2f} " + " ".join(f"{ms[n]:>12.3f}" for n in names)
+                            + (f" {ms['previous'] / ms['bsa']:>11.2f}×" if previous is not None else "")
+                            + f" {ms['attention'] / ms['bsa']:>12.2f}× {kv_bytes / (ms['bsa'] / 1e3) / 1e9:>8.1f}"
+                            f" {100 * kv_bytes / (ms['bsa'] / 1e3) / 1e9 / bandwidth[threads]:>8.0f}%")
+                    lines.append(line)
+                    print(line, file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096], help="sequence lengths")
+    parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default 2048 4096; --decode: 2048 8192)")
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs="+", default=[64], help="block sizes")
-    parser.add_argument("--kept", type=float, nargs="+", default=[0.1, 1.0], help="fractions of blocks kept")
+    parser.add_argument("--kept", type=float, nargs="+",
+                        help="fractions of blocks kept (default 0.1 1; --decode: 1 0.25)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="intra-op thread counts")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per table row")
     parser.add_argument("--flex", action="store_true", help="also time torch FlexAttention (compiled)")
@@ -314,8 +447,20 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
     parser.add_argument("--rule", action="store_true",
                         help="compare a layout_rule (sink + local window) with the same layout given explicitly")
+    parser.add_argument("--decode", action="store_true",
+                        help="time KV-cache decode steps (--seq: context lengths, --queries: Sq)")
+    parser.add_argument("--queries", type=int, nargs="+", default=[1, 16], help="queries per decode step")
+    parser.add_argument("--layers", type=int, default=30, help="copies of a decode step's inputs cycled through")
+    parser.add_argument("--previous-library", help="another build of libonnxprune_ops.so to time alongside (--decode)")
     parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decode:
+        args.seq = args.seq or [2048, 8192]
+        args.kept = args.kept or [1.0, 0.25]
+        decode_table(args)
+        return
+    args.seq = args.seq or [2048, 4096]
+    args.kept = args.kept or [0.1, 1.0]
     if args._child:
         kind, s, d, block, kept, threads = args._child
         _child_peak_mib(kind, int(s), int(d), int(block), float(kept), int(threads))

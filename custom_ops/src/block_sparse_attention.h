@@ -199,6 +199,46 @@ static inline int64_t bsa_num_query_tiles(const BsaParams& p) {
 // query tile of bsa_query_tile(block_size) rows).
 size_t bsa_num_tasks(const BsaParams& p);
 
+// Whether layout head hl keeps block (qb, kb): the layout says so inside its [Mq, Mk] region;
+// outside it the head's rule does, or every block is kept when there is no rule.
+static inline bool bsa_block_kept(const BsaParams& p, int64_t hl, int64_t qb, int64_t kb) {
+  if (qb < p.Mq && kb < p.Mk) return p.layout[(hl * p.Mq + qb) * p.Mk + kb] != 0;
+  return p.layout_rule == nullptr || bsa_rule_keeps(p.layout_rule + hl * kRuleColumns, qb, kb);
+}
+
+// ---- Decode fast path (CPU) ----
+// With few queries (a decode step, a short chunk) a task per (batch, query head, query tile)
+// would read each K/V block once per query head of a KV group, and a batch of 1 gives only Hq
+// tasks. Up to kBsaDecodeMaxQueries queries, a task is instead one (batch b, KV head hk, chunk
+// of the group's kept key blocks): its rows are the G = Hq / Hkv query heads × Sq queries
+// (row r = g * Sq + i: query head hk * G + g, query i), so each kept K/V block is read once per
+// KV head. A block is kept for the group when some row's head keeps it; the rows whose head
+// does not keep it are masked. With few (b, hk) pairs the kept blocks are split into chunks
+// (split-K): each chunk keeps its partial (max, sum, unnormalised output) and the last chunk of
+// a pair to finish merges them, in chunk order, by log-sum-exp. The split depends on the
+// shapes, the layout and the machine's core count, never on the run's thread count, so the
+// result does not either.
+static constexpr int64_t kBsaDecodeMaxQueries = 16;
+
+struct BsaDecodePlan {
+  int64_t group = 0;   // G = Hq / Hkv
+  int64_t rows = 0;    // G * Sq
+  int64_t chunks = 1;  // per (b, hk); tasks = B * Hkv * chunks, task = (b * Hkv + hk) * chunks + chunk
+  // Key blocks kept for KV head hk: kept[kept_begin[hk] .. kept_begin[hk + 1]), ascending,
+  // without the blocks causal masking excludes for every row.
+  const int64_t* kept_begin = nullptr;  // [Hkv + 1]
+  const int32_t* kept = nullptr;
+  // With chunks > 1: per (b, hk, chunk) rows × Dv unnormalised outputs, then rows maxima and
+  // rows sums; and per (b, hk) the number of chunks finished (zeroed by the caller).
+  float* partial = nullptr;
+  int32_t* finished = nullptr;
+};
+
+// Whether bsa_compute_cpu takes the decode path for these parameters.
+static inline bool bsa_uses_decode_path(const BsaParams& p) {
+  return p.granularity == 0 && p.Sq >= 1 && p.Sq <= kBsaDecodeMaxQueries;
+}
+
 // Runs the kernel. `pf` may be null (serial execution). Returns an empty
 // string on success, an error message otherwise (e.g. out of memory).
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx);

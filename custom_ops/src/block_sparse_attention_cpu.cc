@@ -12,6 +12,8 @@
 #include <limits>
 #include <new>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 namespace onnxprune {
 
@@ -351,25 +353,27 @@ size_t bsa_num_tasks(const BsaParams& p) {
 }
 
 // Kernel bodies, one per instruction set (bsa_cpu_kernel.inc).
-namespace cpu_baseline {
-bool run_task(const BsaParams& p, size_t task);
-}
+#define BSA_DECLARE_KERNEL(isa)                                                     \
+  namespace isa {                                                                   \
+  bool run_task(const BsaParams& p, size_t task);                                   \
+  bool run_decode_task(const BsaParams& p, const BsaDecodePlan& plan, size_t task); \
+  }
+BSA_DECLARE_KERNEL(cpu_baseline)
 #if defined(ONNXPRUNE_HAVE_X86_ISAS)
-namespace cpu_avx2 {
-bool run_task(const BsaParams& p, size_t task);
-}
-namespace cpu_avx512 {
-bool run_task(const BsaParams& p, size_t task);
-}
+BSA_DECLARE_KERNEL(cpu_avx2)
+BSA_DECLARE_KERNEL(cpu_avx512)
 #endif
+#undef BSA_DECLARE_KERNEL
 
 namespace {
 
-// Returns false when the task could not get its working memory.
+// Each returns false when the task could not get its working memory.
 using RunTaskFn = bool (*)(const BsaParams& p, size_t task);
+using RunDecodeFn = bool (*)(const BsaParams& p, const BsaDecodePlan& plan, size_t task);
 
 struct IsaChoice {
   RunTaskFn fn;
+  RunDecodeFn decode;
   const char* name;
 };
 
@@ -396,21 +400,96 @@ IsaChoice choose_isa() {
   const char* cap = std::getenv("ONNXPRUNE_CPU_ISA");
   const std::string want = cap ? cap : "";
 #if defined(ONNXPRUNE_HAVE_X86_ISAS)
-  if (want != "avx2" && want != "baseline" && cpu_has_avx512()) return {&cpu_avx512::run_task, "avx512"};
-  if (want != "baseline" && cpu_has_avx2()) return {&cpu_avx2::run_task, "avx2"};
+  if (want != "avx2" && want != "baseline" && cpu_has_avx512())
+    return {&cpu_avx512::run_task, &cpu_avx512::run_decode_task, "avx512"};
+  if (want != "baseline" && cpu_has_avx2()) return {&cpu_avx2::run_task, &cpu_avx2::run_decode_task, "avx2"};
 #endif
-  return {&cpu_baseline::run_task, "baseline"};
+  return {&cpu_baseline::run_task, &cpu_baseline::run_decode_task, "baseline"};
 }
 
 struct TaskShared {
   RunTaskFn run;
+  RunDecodeFn decode;
   const BsaParams* p;
+  const BsaDecodePlan* plan;  // null: the tile path
   std::atomic<bool> failed{false};
 };
 
 void task_entry(void* data, size_t index) {
   auto* shared = static_cast<TaskShared*>(data);
-  if (!shared->run(*shared->p, index)) shared->failed.store(true, std::memory_order_relaxed);
+  const bool ok = shared->plan != nullptr ? shared->decode(*shared->p, *shared->plan, index)
+                                          : shared->run(*shared->p, index);
+  if (!ok) shared->failed.store(true, std::memory_order_relaxed);
+}
+
+// The decode path's plan: per KV head the key blocks some row of its group keeps, and the
+// number of chunks they are split into. Owns the memory the plan points to.
+struct DecodePlanStorage {
+  BsaDecodePlan plan;
+  std::vector<int64_t> kept_begin;
+  std::vector<int32_t> kept;
+  std::vector<float> partial;
+  std::vector<int32_t> finished;
+};
+
+// Fewest keys a chunk gets, so that writing and merging its partial result (rows × Dv floats)
+// stays small next to reading its K/V.
+constexpr int64_t kDecodeMinChunkKeys = 256;
+// Chunks per (b, hk) aim at this many tasks per core, for balance among the pool's threads.
+constexpr int64_t kDecodeTasksPerCore = 4;
+
+int64_t machine_cores() {
+  static const int64_t cores =
+      std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  return cores;
+}
+
+void build_decode_plan(const BsaParams& p, DecodePlanStorage* s) {
+  const int64_t bs = p.block_size, G = p.Hq / p.Hkv, nkb = (p.Sk + bs - 1) / bs;
+  const int64_t first_pos = p.q_offset, last_pos = p.q_offset + p.Sq - 1;
+  std::vector<uint8_t> mark(static_cast<size_t>(nkb));
+  s->kept_begin.assign(1, 0);
+  for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+    std::fill(mark.begin(), mark.end(), 0);
+    for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+      const int64_t hl = p.Hl == 1 ? 0 : h;
+      for (int64_t qb = first_pos / bs; qb <= last_pos / bs; ++qb) {
+        // Causal masking leaves no key of a block past the row's last position.
+        const int64_t row_last = std::min(last_pos, qb * bs + bs - 1);
+        const int64_t kb_end = p.is_causal ? std::min(nkb, row_last / bs + 1) : nkb;
+        const int64_t explicit_end = qb < p.Mq ? std::min(p.Mk, kb_end) : 0;
+        for (int64_t kb = 0; kb < explicit_end; ++kb) mark[kb] |= bsa_block_kept(p, hl, qb, kb);
+        const int64_t* rule = p.layout_rule != nullptr ? p.layout_rule + hl * kRuleColumns : nullptr;
+        for (int64_t kb = explicit_end; kb < kb_end; ++kb) {
+          if (rule != nullptr) kb = bsa_rule_next_kept(rule, qb, kb);  // over the rule's pruned blocks
+          if (kb < 0 || kb >= kb_end) break;
+          mark[kb] = 1;
+        }
+      }
+    }
+    for (int64_t kb = 0; kb < nkb; ++kb)
+      if (mark[kb]) s->kept.push_back(static_cast<int32_t>(kb));
+    s->kept_begin.push_back(static_cast<int64_t>(s->kept.size()));
+  }
+  int64_t most_kept = 0;
+  for (int64_t hk = 0; hk < p.Hkv; ++hk)
+    most_kept = std::max(most_kept, s->kept_begin[hk + 1] - s->kept_begin[hk]);
+  const int64_t pairs = p.B * p.Hkv, min_chunk_blocks = std::max<int64_t>(1, kDecodeMinChunkKeys / bs);
+  const int64_t wanted = (kDecodeTasksPerCore * machine_cores() + pairs - 1) / pairs;
+  const int64_t chunks = std::max<int64_t>(1, std::min(wanted, most_kept / min_chunk_blocks));
+
+  BsaDecodePlan& plan = s->plan;
+  plan.group = G;
+  plan.rows = G * p.Sq;
+  plan.chunks = chunks;
+  plan.kept_begin = s->kept_begin.data();
+  plan.kept = s->kept.data();
+  if (chunks > 1) {
+    s->partial.resize(static_cast<size_t>(pairs * chunks * plan.rows * (p.Dv + 2)));
+    s->finished.assign(static_cast<size_t>(pairs), 0);
+    plan.partial = s->partial.data();
+    plan.finished = s->finished.data();
+  }
 }
 
 }  // namespace
@@ -428,16 +507,26 @@ extern "C" __attribute__((visibility("default"))) const char* OnnxpruneCpuIsa(vo
 namespace onnxprune {
 
 std::string bsa_compute_cpu(const BsaParams& p, BsaParallelFor pf, void* pf_ctx) {
-  const size_t total = bsa_num_tasks(p);
+  const size_t tile_tasks = bsa_num_tasks(p);
   // The statistics form runs with Dv = 0 too: its probabilities are an output of their own.
-  if (total == 0 || (p.Dv == 0 && p.granularity == 0)) return std::string();
+  if (tile_tasks == 0 || (p.Dv == 0 && p.granularity == 0)) return std::string();
   if (p.Sk == 0) {  // no keys at all: every row is fully masked
     std::fill(p.y, p.y + p.B * p.Hq * p.Sq * p.Dv, 0.0f);
     return std::string();
   }
+  const IsaChoice isa = choose_isa();
   TaskShared shared;
-  shared.run = choose_isa().fn;
+  shared.run = isa.fn;
+  shared.decode = isa.decode;
   shared.p = &p;
+  shared.plan = nullptr;
+  DecodePlanStorage decode;
+  size_t total = tile_tasks;
+  if (bsa_uses_decode_path(p)) {
+    build_decode_plan(p, &decode);
+    shared.plan = &decode.plan;
+    total = static_cast<size_t>(p.B * p.Hkv * decode.plan.chunks);
+  }
   if (pf == nullptr || total == 1) {
     for (size_t i = 0; i < total; ++i) task_entry(&shared, i);
   } else if (!pf(pf_ctx, total, &task_entry, &shared)) {
