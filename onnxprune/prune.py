@@ -65,7 +65,7 @@ def prune(
     pattern: str | None = None,
     sink_tokens: int = 0,
     window_tokens: int = 0,
-    full_heads: int = 0,
+    full_heads: int | None = None,
 ) -> tuple[ir.Model, PruneReport]:
     """The pruned model (in memory) and its report. ``save_model`` writes it.
 
@@ -73,7 +73,8 @@ def prune(
     as before), ``select``, or ``auto`` (the CLI's default: ``select`` for causal sites, else
     ``ap``; ``selection.default_method``); or, with ``method=None``, a baseline
     ``pattern`` (``streaming``, ``duo``) of ``sink_tokens`` and ``window_tokens``. ``full_heads``:
-    ``select`` keeps that many heads per site full (for retrieval far back)."""
+    ``select`` keeps that many heads per site full (for retrieval far back); None: one where the
+    budget affords it (``selection.affordable_full_heads``)."""
     if sparsity is not None and density is not None:
         raise OnnxpruneError("give --density or --sparsity, not both")
     if sparsity is not None:

@@ -303,7 +303,7 @@ def default_method(causal_sites: set[str] | None) -> str:
 
 def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *, method: str | None = "select",
           pattern: str | None = None, density: float | None = None, sink_tokens: int = 0, window_tokens: int = 0,
-          scope: str | None = None, keep_diagonal: bool = True, full_heads: int | None = 0) -> Layouts:
+          scope: str | None = None, keep_diagonal: bool = True, full_heads: int | None = None) -> Layouts:
     """The layouts of one named method (``method``) or baseline pattern (``pattern``), the one
     entry point ``prune`` uses: ``select`` and ``duo`` and ``ap`` meet ``density``; ``streaming``
     is what ``sink_tokens`` and ``window_tokens`` say (rounded up to whole blocks). ``scope``

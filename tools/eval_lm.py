@@ -155,7 +155,7 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path, str, float]]:
     models = []
     for method in args.methods:
         for density in args.densities:
-            label = f"{method}-f{args.full_heads}" if method == "select" and args.full_heads else method
+            label = f"{method}-f{args.full_heads}" if method == "select" and args.full_heads is not None else method
             path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{label}-{density:g}.onnx"
             if not path.is_file():
                 if method == "streaming":
@@ -386,7 +386,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --stats: kept shares (default 0.15 0.25 0.35)")
     p.add_argument("--block-size", type=int, default=64, help="with --stats (default 64)")
     p.add_argument("--sink", type=int, default=64, help="with --stats: sink tokens of streaming and duo (default 64)")
-    p.add_argument("--full-heads", type=int, default=0, help="with --stats: select's full heads per site (default 0)")
+    p.add_argument("--full-heads", type=int,
+                   help="with --stats: select's full heads per site (default: prune's auto, labelled plain select)")
     return p
 
 

@@ -47,9 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=non_negative, default=64, help="pattern sink tokens, rounded up to blocks (default 64)")
     p.add_argument("--window", type=non_negative, default=64,
                    help="pattern tokens before the diagonal block, rounded up to blocks (default 64)")
-    p.add_argument("--full-heads", type=non_negative, default=0,
+    p.add_argument("--full-heads", type=non_negative,
                    help="select: heads per site kept full first, those with the most mass beyond one sink block and "
-                        "the diagonal (retrieval far back needs some; default 0)")
+                        "the diagonal (retrieval far back needs some). Default: one where the density still leaves "
+                        "every other head a sink block, the diagonal and the block before it, else none")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=16, help="block side (default 16)")
     p.add_argument("--scope", choices=SCOPES,
                    help="where the budget applies: global (one for all sites; select's default), layer (each site "
