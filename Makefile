@@ -89,6 +89,7 @@ bench: install
 	$(BIN)/python tools/bench_attention.py --seq 2048 --blocks 16 32 64 128 --kept 0.1 1
 	$(BIN)/python tools/bench_attention.py --seq 2048 4096 --blocks 128 --kept 0.1 --flex --no-dense
 	$(BIN)/python tools/bench_attention.py --memory --seq 8192
+	$(BIN)/python tools/bench_attention.py --decode
 	$(BIN)/python tools/bench_e2e.py --seq 2048 4096
 
 # Quality on real models and text (docs/RESULTS.md): MiniLM sweep, recover, a small GPT-2.

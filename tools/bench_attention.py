@@ -7,7 +7,7 @@ ONNX Runtime offers on CPU, and against a float32 GEMM ceiling, all measured in 
     .venv/bin/python tools/bench_attention.py --flex --blocks 128  # + torch FlexAttention (compiled)
     .venv/bin/python tools/bench_attention.py --memory --seq 8192  # peak working memory instead
     .venv/bin/python tools/bench_attention.py --rule --seq 2048 --threads 1  # layout_rule vs explicit
-    .venv/bin/python tools/bench_attention.py --decode --previous-library /work/lib-main/libonnxprune_ops.so
+    .venv/bin/python tools/bench_attention.py --decode --previous-library OLD/libonnxprune_ops.so
 
 Contestants (B = 1, 12 heads, float32, every one with the same intra-op thread count):
   decomposed  ORT: Transpose → MatMul → Mul → Softmax → MatMul (what exporters emit)
