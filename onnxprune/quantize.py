@@ -8,7 +8,9 @@ either order of thought (prune the float model, then quantize the result). ``qua
 checks that it did: the same onnxprune nodes with the same inputs and attributes, the same
 opset imports besides ``com.microsoft``, the same metadata.
 
-The embedding table (a ``Gather``) stays float32.
+The exporter leaves large weights as ``Transpose(W)`` for ONNX Runtime to fold at load (its
+optimizer folds only small constants); the quantizer takes only a constant weight, so those
+transposes are folded first. The embedding table (a ``Gather``) stays float32.
 """
 
 from __future__ import annotations
@@ -45,6 +47,39 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
+def fold_transposed_weights(model: onnx.ModelProto) -> int:
+    """Replace ``MatMul(x, Transpose(W))`` of a 2-D initializer ``W`` by ``MatMul(x, Wᵀ)`` with
+    ``Wᵀ`` an initializer (in place), dropping the transposes and the weights nothing else reads;
+    the number of weights folded."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    folded: dict[str, str] = {}  # transpose output (now an initializer) → the weight it transposed
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        transpose = producers.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        weight = initializers[transpose.input[0]]
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+        if len(weight.dims) != 2 or perm not in ([], [[1, 0]]) or node.input[1] in folded:
+            continue
+        # Named as the transpose's output: every reader of it reads the initializer instead.
+        array = onnx.numpy_helper.to_array(weight).T.copy()
+        graph.initializer.append(onnx.numpy_helper.from_array(array, node.input[1]))
+        folded[node.input[1]] = weight.name
+    kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unread = set(folded.values()) - read  # the LM head's weight, say; not a tied embedding's table
+    kept_initializers = [t for t in graph.initializer if t.name not in unread]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    return len(folded)
+
+
 def quantize_model(model: onnx.ModelProto, bits: int = 4, block_size: int = 32, symmetric: bool = False,
                    accuracy_level: int | None = None) -> tuple[onnx.ModelProto, QuantizeReport]:
     """The quantized copy of ``model`` (loaded with its weights) and what changed.
@@ -65,6 +100,7 @@ def quantize_model(model: onnx.ModelProto, bits: int = 4, block_size: int = 32, 
     before = _initializer_bytes(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    fold_transposed_weights(work)
     quantizer = MatMulNBitsQuantizer(work, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level)
     # It logs a line per node at INFO, which its module configures to show.

@@ -143,3 +143,27 @@ def test_bad_input_is_one_line(pruned_path, tmp_path):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]))
     with pytest.raises(OnnxpruneError, match="no MatMul with a constant weight"):
         quantize_model(attention_only)
+
+
+def test_transposed_weights_are_folded_and_quantized():
+    """The exporter leaves a large weight as ``Transpose(W)`` (SmolLM2's every projection): it is
+    folded into one initializer, quantized, and the transposed original dropped."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(32, 64)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", T.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [3, 32])],
+        [onnx.numpy_helper.from_array(weight, "W")]), opset_imports=[helper.make_opsetid("", 20)])
+    out, report = quantize_model(model, bits=8, block_size=32)
+    assert report.matmuls == 1 and report.kept_matmuls == 0
+    assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
+    assert "W" not in {t.name for t in out.graph.initializer}
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    (y,) = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x})
+    expected = x @ weight.T
+    assert np.abs(y - expected).max() < 0.02 * np.abs(expected).max()
