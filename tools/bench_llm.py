@@ -300,6 +300,19 @@ def profile(path: Path, prompt: np.ndarray, decode: int, threads: int, attention
     }
 
 
+def p0_difference(models: dict, prompt: np.ndarray, threads: int) -> float:
+    """Max |logits| difference of op-p0 and eager over a prefill of ``prompt`` and 4 greedy steps:
+    the dense candidates compute the same function."""
+    lms = [causal_lm(models[m]["speed"], threads) for m in ("eager", "op-p0")]
+    caches = [lm.empty_cache(1) for lm in lms]
+    ids, mask, diff = prompt, np.ones_like(prompt), 0.0
+    for _ in range(5):
+        (a, caches[0]), (b, caches[1]) = (lm.step(ids, mask, c) for lm, c in zip(lms, caches))
+        diff = max(diff, float(np.abs(a - b).max()))
+        ids, mask = a[:, -1].argmax(-1)[:, None].astype(np.int64), np.ones((1, mask.shape[1] + 1), np.int64)
+    return diff
+
+
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of a numpy copy (read + write) of a buffer far larger than the caches; the best of
     ``repeats``: what the memory gives, not what the other tenants leave."""
@@ -331,7 +344,7 @@ def kept_shares(pruned: Path, length: int, decode: int, heads: int, kv_heads: in
         row = blocks_at(site.layout, site.rule, 1, blocks, first_query_block=blocks - 1)[:, 0]  # [H, blocks]
         row = np.broadcast_to(row, (heads, blocks)).reshape(kv_heads, heads // kv_heads, blocks).any(1)
         read, total = read + row.sum(), total + row.size
-    return {"prefill_kept": prefill, "decode_kv_read": read / total}
+    return {"prefill_kept": float(prefill), "decode_kv_read": float(read / total)}
 
 
 def weight_bytes(path: Path) -> int:
@@ -471,7 +484,9 @@ def table(args, rows: list[dict], meta: dict) -> str:
     prof = {(r["model"], r["length"]): r for r in rows if r["kind"] == "profile"}
     ppl = {r["model"]: r for r in rows if r["kind"] == "ppl"}
     lines = [f"threads {args.threads}; medians of {args.repeats} interleaved runs; decode: {args.decode} steps after "
-             f"the prefill; load average at the end {os.getloadavg()[0]:.1f} (2 cores shared by 5 engineers)", ""]
+             f"the prefill; load average at the end {os.getloadavg()[0]:.1f} (2 cores shared by 5 engineers); "
+             f"op-p0 vs eager max |diff| {meta.get('p0_max_abs_diff', float('nan')):.1e}; memory bandwidth "
+             f"{meta['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", ""]
     lines += ["| L | model | prefill ms | × best dense | decode tok/s | × best dense | attention share of prefill |",
               "|---|---|---|---|---|---|---|"]
     summary = []
@@ -588,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     text = lm_text.token_windows(lm_text.texts("pydoc", "evaluation"), encode, longest + ppl_tokens, 1)[0]
     prompts = {L: text[None, :L] for L in args.lengths}
     ppl = text[longest:].reshape(args.ppl_windows, args.ppl_length)
+    if {"eager", "op-p0"} <= set(models):
+        meta["p0_max_abs_diff"] = p0_difference(models, text[None, :256], args.threads)
+        log(f"op-p0 against eager, 256-token prefill + 4 steps: max |logits diff| {meta['p0_max_abs_diff']:.1e}")
     worker = None
     if LLAMA in args.models:
         gguf = Path(args.gguf) if args.gguf else smollm2.package_dir() / smollm2.GGUF_FILE
