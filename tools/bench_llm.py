@@ -188,7 +188,9 @@ for line in sys.stdin:
         prefill = time.perf_counter() - start
         steps = []
         for _ in range(job["decode"]):
-            token = int(np.argmax(timing.scores[timing.n_tokens - 1]))
+            # Without logits_all the wrapper keeps no logits; the context holds the last row.
+            last = np.ctypeslib.as_array(timing._ctx.get_logits(), shape=(timing.n_vocab(),))
+            token = int(np.argmax(last))
             start = time.perf_counter()
             timing.eval([token])
             steps.append(time.perf_counter() - start)
