@@ -16,7 +16,8 @@ with-past export, run by ``generate.CausalLM``):
              quantizer, block 32, asymmetric as llama.cpp's Q4_1, --accuracy-level 4: int8 compute)
   llama.cpp  the package's Q4_1 GGUF in llama-cpp-python (a worker process in --llama-python's
              environment, kept apart from onnxprune's), --threads threads, n_batch 512,
-             OMP_WAIT_POLICY=passive unless set (spinning threads stall on a shared machine)
+             OMP_WAIT_POLICY=passive unless set (spinning threads stall on a shared machine);
+             llama.cpp-fa: the same with flash attention
 Timed ONNX models compute the logits of the last position only (a Slice before the LM head, as
 llama.cpp does): a prefill's other 49152-wide rows would be a fifth of its work.
 
@@ -55,6 +56,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE = ("eager", "sdpa23", "op-p0")
 ONNX_MODELS = (*DENSE, "pruned", "eager-q4", "pruned-q4")
 LLAMA = "llama.cpp"
+#: llama.cpp as llama-cpp-python runs it (flash attention off), and with flash attention (what
+#: llama.cpp's own tools pick on a CPU by default)
+LLAMAS = {LLAMA: False, "llama.cpp-fa": True}
 PPL_MODELS = ("eager", "pruned", "eager-q4", "pruned-q4", LLAMA)
 
 
@@ -176,9 +180,9 @@ import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 
-path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, threads, n_ctx, flash = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 timing = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-               verbose=False)
+               flash_attn=flash, verbose=False)
 for line in sys.stdin:
     job = json.loads(line)
     if job["op"] == "time":
@@ -198,7 +202,7 @@ for line in sys.stdin:
     elif job["op"] == "nll":
         window = job["tokens"]
         scorer = Llama(model_path=path, n_ctx=len(window), n_threads=threads, n_threads_batch=threads,
-                       n_batch=512, logits_all=True, verbose=False)
+                       n_batch=512, logits_all=True, flash_attn=flash, verbose=False)
         scorer.eval(window)
         logits = np.asarray(scorer.scores[: len(window) - 1], np.float64)
         top = logits.max(-1, keepdims=True)
@@ -213,13 +217,14 @@ for line in sys.stdin:
 
 
 class LlamaWorker:
-    def __init__(self, python: str, gguf: Path, threads: int, n_ctx: int):
+    def __init__(self, python: str, gguf: Path, threads: int, n_ctx: int, flash_attn: bool):
         # llama.cpp's OpenMP threads spin at every barrier by default; on a loaded machine a
         # descheduled partner makes that a stall (2 threads at load 7: a 128-token prefill 6.1 s
         # spinning, 1.1 s passive, 1.1 s on 1 thread).
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
         self.wait_policy = env["OMP_WAIT_POLICY"]
-        self.process = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads), str(n_ctx)],
+        self.process = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads), str(n_ctx),
+                                         str(int(flash_attn))],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.version = self.ask({"op": "version"})["version"]
 
@@ -411,7 +416,7 @@ def causal_lm(path: Path, threads: int, arena: bool = True, profile_prefix: str 
     return lm
 
 
-def speed_rows(args, models, worker, prompts, rows, meta) -> None:
+def speed_rows(args, models, workers, prompts, rows, meta) -> None:
     for length in args.lengths:
         todo = [m for m in args.models if not has(rows, kind="speed", model=m, length=length)]
         if not todo:
@@ -420,12 +425,12 @@ def speed_rows(args, models, worker, prompts, rows, meta) -> None:
         # Long prompts: one session at a time, without the arena (six sessions' weights and
         # arenas at 8192 positions went past this shared machine's memory).
         arena = length < args.no_arena_from
-        sessions = {m: causal_lm(models[m]["speed"], args.threads) for m in todo if m != LLAMA} if arena else {}
+        sessions = {m: causal_lm(models[m]["speed"], args.threads) for m in todo if m in models} if arena else {}
         times = {m: ([], []) for m in todo}
         for repeat in range(args.repeats):
             for m in todo:  # interleaved: every model once per repeat
-                if m == LLAMA:
-                    reply = worker.ask({"op": "time", "tokens": prompt[0].tolist(), "decode": args.decode})
+                if m in LLAMAS:
+                    reply = workers[m].ask({"op": "time", "tokens": prompt[0].tolist(), "decode": args.decode})
                     prefill, steps = reply["prefill_s"], reply["steps_s"]
                 else:
                     lm = sessions[m] if arena else causal_lm(models[m]["speed"], args.threads, arena=False)
@@ -444,7 +449,7 @@ def speed_rows(args, models, worker, prompts, rows, meta) -> None:
 
 
 def profile_rows(args, models, prompts, rows, meta) -> None:
-    onnx_models = [m for m in args.models if m != LLAMA]
+    onnx_models = [m for m in args.models if m in models]
     attention = attention_node_names({m: models[m]["speed"] for m in onnx_models})
     for length in args.lengths:
         for m in onnx_models:
@@ -457,18 +462,18 @@ def profile_rows(args, models, prompts, rows, meta) -> None:
             save_rows(args.json, meta, rows)
 
 
-def ppl_rows(args, models, worker, windows, rows, meta) -> None:
+def ppl_rows(args, models, workers, windows, rows, meta) -> None:
     from onnxprune.generate import CausalLM
 
     for m in [m for m in PPL_MODELS if m in args.models]:
-        if has(rows, kind="ppl", model=m) or (m == LLAMA and worker is None):
+        if has(rows, kind="ppl", model=m) or (m == LLAMA and m not in workers):
             continue
         log(f"  perplexity of {m}")
         nll = tokens = 0.0
         lm = None if m == LLAMA else CausalLM(models[m]["full"], threads=args.threads)
         for window in windows:
             if lm is None:
-                reply = worker.ask({"op": "nll", "tokens": window.tolist()})
+                reply = workers[m].ask({"op": "nll", "tokens": window.tolist()})
                 nll, tokens = nll + reply["nll"], tokens + reply["tokens"]
             else:
                 logits, _ = lm.step(window[None], np.ones((1, len(window)), np.int64), lm.empty_cache(1))
@@ -561,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, default=8, help="decode steps after each prefill (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per model and length (default 3)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--models", nargs="+", default=[*ONNX_MODELS, LLAMA], choices=[*ONNX_MODELS, LLAMA])
+    p.add_argument("--models", nargs="+", default=[*ONNX_MODELS, *LLAMAS], choices=[*ONNX_MODELS, *LLAMAS])
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits compute (4: int8; 0: float32)")
@@ -588,9 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     from onnxprune.generate import CausalLM
 
     args.model = args.model or str(smollm2.model_dir())
-    if not args.llama_python and LLAMA in args.models:
+    if not args.llama_python and set(LLAMAS) & set(args.models):
         log("no --llama-python: llama.cpp left out")
-        args.models = [m for m in args.models if m != LLAMA]
+        args.models = [m for m in args.models if m not in LLAMAS]
     tok = AutoTokenizer.from_pretrained(args.model)
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     models = build(args, encode)
@@ -619,18 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     if {"eager", "op-p0"} <= set(models):
         meta["p0_max_abs_diff"] = p0_difference(models, text[None, :256], args.threads)
         log(f"op-p0 against eager, 256-token prefill + 4 steps: max |logits diff| {meta['p0_max_abs_diff']:.1e}")
-    worker = None
-    if LLAMA in args.models:
-        gguf = Path(args.gguf) if args.gguf else smollm2.package_dir() / smollm2.GGUF_FILE
-        worker = LlamaWorker(args.llama_python, gguf, args.threads, max(args.lengths) + args.decode + 8)
+    gguf = Path(args.gguf) if args.gguf else smollm2.package_dir() / smollm2.GGUF_FILE
+    workers = {m: LlamaWorker(args.llama_python, gguf, args.threads, max(args.lengths) + args.decode + 8, flash)
+               for m, flash in LLAMAS.items() if m in args.models}
+    for worker in workers.values():
         meta["llama_cpp_python"] = worker.version
         meta["llama_cpp_omp_wait_policy"] = worker.wait_policy
     try:
-        speed_rows(args, models, worker, prompts, rows, meta)
+        speed_rows(args, models, workers, prompts, rows, meta)
         profile_rows(args, models, prompts, rows, meta)
-        ppl_rows(args, models, worker, ppl, rows, meta)
+        ppl_rows(args, models, workers, ppl, rows, meta)
     finally:
-        if worker is not None:
+        for worker in workers.values():
             worker.close()
     save_rows(args.json, meta, rows)
     print(table(args, rows, meta))
