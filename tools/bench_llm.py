@@ -169,7 +169,7 @@ def build(args, tokenizer) -> dict[str, dict[str, Path]]:
     speed = out / "last-logits"
     speed.mkdir(exist_ok=True)
     return {name: {"full": path, "speed": last_position_logits(path, speed / f"{name}.onnx")}
-            for name, path in full.items() if name in args.models}
+            for name, path in full.items()}
 
 
 # ---- llama.cpp, in its own environment
@@ -450,7 +450,7 @@ def speed_rows(args, models, workers, prompts, rows, meta) -> None:
 
 def profile_rows(args, models, prompts, rows, meta) -> None:
     onnx_models = [m for m in args.models if m in models]
-    attention = attention_node_names({m: models[m]["speed"] for m in onnx_models})
+    attention = attention_node_names({m: v["speed"] for m, v in models.items()})
     for length in args.lengths:
         for m in onnx_models:
             if has(rows, kind="profile", model=m, length=length):
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     models = build(args, encode)
     rows = load_rows(args.json)
-    probe = CausalLM(models["op-p0"]["speed"] if "op-p0" in models else next(iter(models.values()))["speed"],
+    probe = CausalLM(models["op-p0"]["speed"],
                      threads=args.threads)
     heads_kv = next(iter(probe.kv_shape.values()))[0]
     cache_bytes_per_position = sum(h * size * 4 for h, size in probe.kv_shape.values())
