@@ -500,8 +500,11 @@ def table(args, rows: list[dict], meta: dict) -> str:
     speed = {(r["model"], r["length"]): r for r in rows if r["kind"] == "speed"}
     prof = {(r["model"], r["length"]): r for r in rows if r["kind"] == "profile"}
     ppl = {r["model"]: r for r in rows if r["kind"] == "ppl"}
-    lines = [f"threads {args.threads}; medians of {args.repeats} interleaved runs; decode: {args.decode} steps after "
-             f"the prefill; load average at the end {os.getloadavg()[0]:.1f} (2 cores shared by 5 engineers); "
+    runs = sorted({len(r["prefill_runs_ms"]) for r in speed.values()})
+    loads = [r["load"] for r in speed.values()]
+    lines = [f"threads {meta['threads']}; medians of {'–'.join(map(str, runs))} interleaved runs; decode: "
+             f"{meta['decode']} steps after the prefill; load average {min(loads):.1f}–{max(loads):.1f} "
+             f"on {meta['cpu_count']} cores; "
              f"op-p0 vs eager max |diff| {meta.get('p0_max_abs_diff', float('nan')):.1e}; memory bandwidth "
              f"{meta['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", ""]
     lines += ["| L | model | prefill ms | × best dense | decode tok/s | × best dense | attention share of prefill |",
@@ -585,7 +588,15 @@ def main(argv: list[str] | None = None) -> int:
                         "arena (default 8192)")
     p.add_argument("--out", default="/tmp/onnxprune-bench-llm", help="artifacts folder (reused)")
     p.add_argument("--json", help="results file: rows are added, and those it holds are not measured again")
+    p.add_argument("--table-only", action="store_true", help="print the tables of --json's rows; measure nothing")
     args = p.parse_args(argv)
+    if args.table_only:
+        if not args.json or not Path(args.json).is_file():
+            p.error("--table-only needs an existing --json file")
+        stored = json.loads(Path(args.json).read_text())
+        args.models = [m for m in (*ONNX_MODELS, *LLAMAS) if any(r["model"] == m for r in stored["rows"])]
+        print(table(args, stored["rows"], stored))
+        return 0
     import models.smollm2 as smollm2
     from transformers import AutoTokenizer
 
