@@ -35,7 +35,8 @@ subgraph — or ``Attention``, or ``BlockSparseAttention``), and the decode step
 Quality: perplexity over --ppl-windows windows of --ppl-length held-out tokens (the same token
 ids) for eager, pruned, eager-q4, pruned-q4 and llama.cpp's Q4_1.
 
---json keeps every measured row; a rerun with the same file skips what it holds (resumable).
+--json keeps every measured row; a rerun with the same file skips what it holds (resumable);
+--table-only prints the tables of a --json file.
 """
 
 from __future__ import annotations
