@@ -156,7 +156,9 @@ def pruned_models(dense: Path, args) -> list[tuple[str, Path, str, float]]:
     for method in args.methods:
         for density in args.densities:
             label = f"{method}-f{args.full_heads}" if method == "select" and args.full_heads is not None else method
-            path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{label}-{density:g}.onnx"
+            # The file name says how it was pruned: plain select is the default's auto full heads.
+            how = f"select-f{'auto' if args.full_heads is None else args.full_heads}" if method == "select" else label
+            path = PRUNED_DIR / f"{stats_sha[:12]}-b{args.block_size}-{how}-{density:g}.onnx"
             if not path.is_file():
                 if method == "streaming":
                     sink, window = streaming_window(stats, density, args.block_size, args.sink)
