@@ -70,8 +70,7 @@ def prune(
     """The pruned model (in memory) and its report. ``save_model`` writes it.
 
     ``sparsity`` p is ``density`` 1 − p (give one). ``method``: ``ap`` (this function's default,
-    as before), ``select``, or ``auto`` (the CLI's default: ``select`` for causal sites, else
-    ``ap``; ``selection.default_method``); or, with ``method=None``, a baseline
+    as before) or ``select`` (the CLI's default); or, with ``method=None``, a baseline
     ``pattern`` (``streaming``, ``duo``) of ``sink_tokens`` and ``window_tokens``. ``full_heads``:
     ``select`` keeps that many heads per site full (for retrieval far back); None: one where the
     budget affords it (``selection.affordable_full_heads``)."""

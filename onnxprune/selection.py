@@ -28,7 +28,7 @@ from onnxprune.layouts import Layouts, SiteLayout, block_sum, check_block_size, 
 from onnxprune.patterns import band_rule, draw, full_rule
 from onnxprune.stats import Stats
 
-METHODS = ("auto", "select", "ap")
+METHODS = ("select", "ap")
 PATTERNS = ("streaming", "duo")
 
 
@@ -293,14 +293,6 @@ def head_picture(layouts: Layouts) -> dict[str, list[str]]:
     return picture
 
 
-def default_method(causal_sites: set[str] | None) -> str:
-    """What ``auto`` picks: ``select`` where the sites are causal (decoders: on SmolLM2 it beats
-    AP and StreamingLLM at 0.15 and 0.25, docs/SELECTION.md), ``ap`` otherwise (on MiniLM's
-    short, varied inputs AP's free blocks keep more held-out cosine than sinks and bands at the
-    same kept share: 0.985 against 0.978 near 0.62 effective sparsity)."""
-    return "select" if causal_sites else "ap"
-
-
 def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *, method: str | None = "select",
           pattern: str | None = None, density: float | None = None, sink_tokens: int = 0, window_tokens: int = 0,
           scope: str | None = None, keep_diagonal: bool = True, full_heads: int | None = None) -> Layouts:
@@ -317,8 +309,6 @@ def learn(stats: Stats, block_size: int, causal_sites: set[str] | None = None, *
         raise OnnxpruneError(f"--pattern must be one of {PATTERNS}, got {pattern!r}")
     if pattern is None and method not in METHODS:
         raise OnnxpruneError(f"--method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        method = default_method(causal_sites)
     sinks, window = blocks_for(sink_tokens, block_size), blocks_for(window_tokens, block_size)
     if pattern == "streaming":
         return streaming_layouts(stats, sinks, window, block_size, causal_sites)

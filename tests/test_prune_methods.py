@@ -14,7 +14,7 @@ from onnxprune.model_io import load_model
 from onnxprune.rules import find_sites
 
 METHODS = {
-    "select": ["--method", "select", "--density", "0.5"],
+    "select": ["--density", "0.5"],
     "ap": ["--method", "ap", "--density", "0.5"],
     "streaming": ["--pattern", "streaming", "--sink", "16", "--window", "0"],
     "duo": ["--pattern", "duo", "--density", "0.6", "--sink", "16", "--window", "0"],
@@ -112,8 +112,3 @@ def test_a_missing_or_extra_budget_is_one_line(encoder, capsys, extra, message):
     assert message in capsys.readouterr().err
     assert not out.exists()
 
-
-def test_the_default_method_of_an_encoder_is_ap(encoder):
-    out = encoder["folder"] / "default.onnx"
-    assert _prune(encoder, out, "--block-size", "16", "--density", "0.5") == 0
-    assert load_layouts(out).method == "ap"

@@ -170,12 +170,6 @@ def test_layer_scope_gives_each_site_its_own_budget_and_global_scope_moves_it():
     assert 1.0 - pooled.effective_sparsity <= 0.4 + 1e-9
 
 
-def test_auto_selects_for_causal_sites_and_takes_ap_for_the_others():
-    stats = mixed_stats()
-    assert learn(stats, G, {"s"}, method="auto", density=0.5).method == "select"
-    assert learn(stats, G, set(), method="auto", density=0.5).method == "ap"
-
-
 @pytest.mark.parametrize("density, expected", [(0.6, 0), (0.7, 1)])
 def test_auto_full_heads_only_where_the_others_keep_a_sink_and_a_local_band(density, expected):
     # 4 heads on an 8-block causal grid: a full head computes 36 blocks, sink + diagonal + the

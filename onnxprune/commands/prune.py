@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--sparsity", "-p", type=probability, help="the same as --density 1-p, p in [0, 1)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--method", choices=METHODS,
-                     help="auto (default): select for causal attention (decoders), ap otherwise (encoders); "
-                          "select: per-head sinks/band/full patterns under the budget; ap: per-scope AP thresholds")
+                     help="select: per-head sinks/band/full patterns under the budget (default); ap: per-scope AP "
+                          "thresholds (on encoders with short inputs it kept more quality; docs/SELECTION.md)")
     how.add_argument("--pattern", choices=PATTERNS,
                      help="a baseline instead of --method: streaming (--sink, --window on every head) or duo "
                           "(full heads chosen from the statistics, the others streaming)")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, log: Log) -> int:
         raise OnnxpruneError("give --density (or --sparsity)")
     if args.pattern == "streaming" and density is not None:
         raise OnnxpruneError("--pattern streaming is what --sink and --window make it; drop --density/--sparsity")
-    method = None if args.pattern else (args.method or "auto")
+    method = None if args.pattern else (args.method or "select")
     stats = Stats.load(args.stats)
     model, report = prune(args.model, stats, block_size=args.block_size, scope=args.scope,
                           keep_diagonal=not args.no_keep_diagonal, stats_sha256=file_sha256(args.stats),
