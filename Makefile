@@ -1,4 +1,4 @@
-# onnxprune — `make demo` runs the whole pipeline, `make test` the test suite.
+# onnxprune — `make demo` runs the whole pipeline (MiniLM, then SmolLM2), `make test` the test suite.
 # Both create .venv and install what they need (Python packages from the registry, ONNX Runtime
 # headers for the custom-op build via tools/fetch_ort_headers.sh). `make test` also creates
 # .venv-client, where Optimum's ORTModelForCausalLM drives our model directories.
@@ -69,12 +69,14 @@ $(CLIENT)/.installed: $(CLIENT)/.deps $(WHEEL)
 
 client: $(CLIENT)/.installed
 
+# Both demos: MiniLM (`onnxprune demo`, about 30 s) and then the LLM (about 2.5 min on 2 idle cores).
 demo: install
 	$(BIN)/onnxprune demo
+	$(BIN)/python -m onnxprune.cli demo --llm
 
-# The LLM demo: SmolLM2-135M-Instruct (models/smollm2.py, hence run from the checkout) exported with
-# its cache, calibrated, pruned at density 0.25; dense vs pruned perplexity and prefill at 2048
-# tokens, and a passkey answered by greedy decoding. About 7 minutes on 2 busy cores.
+# The LLM demo alone: SmolLM2-135M-Instruct (models/smollm2.py, hence run from the checkout)
+# exported with its cache, calibrated, pruned at density 0.25; dense vs pruned perplexity and
+# prefill at 2048 tokens, and a passkey answered by greedy decoding.
 demo-llm: install
 	$(BIN)/python -m onnxprune.cli demo --llm
 
