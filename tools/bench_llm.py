@@ -53,6 +53,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_decode import timed_generation  # noqa: E402  (prefill and per-step decode seconds, greedy)
 
 DENSE = ("eager", "sdpa23", "op-p0")
 ONNX_MODELS = (*DENSE, "pruned", "eager-q4", "pruned-q4")
@@ -245,21 +248,6 @@ class LlamaWorker:
 # ---- measuring
 
 
-def timed_onnx(lm, prompt: np.ndarray, decode: int) -> tuple[float, list[float]]:
-    mask = np.ones_like(prompt)
-    start = time.perf_counter()
-    logits, cache = lm.step(prompt, mask, lm.empty_cache(1))
-    prefill = time.perf_counter() - start
-    steps = []
-    for _ in range(decode):
-        token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), np.int64)
-        start = time.perf_counter()
-        logits, cache = lm.step(token, mask, cache)
-        steps.append(time.perf_counter() - start)
-    return prefill, steps
-
-
 def attention_node_names(paths: dict[str, Path]) -> dict[str, set[str]]:
     """Per model, the names of its attention nodes: what the rewrite replaced (eager: nodes that
     are not in op-p0; ours: BlockSparseAttention and the nodes the rewrite added), or ``Attention``."""
@@ -292,7 +280,7 @@ def profile(path: Path, prompt: np.ndarray, decode: int, threads: int, attention
     graph = onnx.load(str(path), load_external_data=False).graph
     concats = {n.name for n in graph.node if n.op_type == "Concat" and any(o.startswith("present.") for o in n.output)}
     lm = causal_lm(path, threads, arena, profile_prefix=str(path.parent / f"profile-{path.stem}-{os.getpid()}"))
-    timed_onnx(lm, prompt, decode)
+    timed_generation(lm, prompt, decode)
     trace = Path(lm.session.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
@@ -435,7 +423,7 @@ def speed_rows(args, models, workers, prompts, rows, meta) -> None:
                     prefill, steps = reply["prefill_s"], reply["steps_s"]
                 else:
                     lm = sessions[m] if arena else causal_lm(models[m]["speed"], args.threads, arena=False)
-                    prefill, steps = timed_onnx(lm, prompt, args.decode)
+                    prefill, steps = timed_generation(lm, prompt, args.decode)
                     del lm
                 times[m][0].append(prefill)
                 times[m][1].append(len(steps) / sum(steps))
