@@ -15,6 +15,13 @@ def probability(text: str) -> float:
     return value
 
 
+def kept_share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value <= 0:

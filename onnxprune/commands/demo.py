@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxprune.commands.arguments import positive, probability
+from onnxprune.commands.arguments import kept_share, positive, probability
 from onnxprune.commands.base import ExitStatus, Log, Verb
 from onnxprune.demo import run_demo
 from onnxprune.op_schema import BLOCK_SIZES
@@ -34,12 +34,6 @@ DEFAULTS = {"out": ("out/demo", "out/demo-llm"), "block_size": (16, 64), "calibr
             "evaluation_examples": (200, 2)}
 
 
-def _density(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default out/demo; with --llm out/demo-llm)")
@@ -56,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     llm.add_argument("--llm", action="store_true", help="SmolLM2-135M-Instruct (or --model-dir) instead of MiniLM")
     llm.add_argument("--model-dir", help="with --llm: a transformers causal LM directory (default: SmolLM2)")
     llm.add_argument("--length", type=positive, default=2048, help="with --llm: tokens per window (default 2048)")
-    llm.add_argument("--density", type=_density, default=0.25,
+    llm.add_argument("--density", type=kept_share, default=0.25,
                      help="with --llm: share of the causal blocks kept (default 0.25)")
     llm.add_argument("--new-tokens", type=positive, default=12,
                      help="with --llm: at most this many tokens of each passkey answer (default 12)")

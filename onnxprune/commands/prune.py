@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from onnxprune.commands.arguments import non_negative, probability
+from onnxprune.commands.arguments import kept_share, non_negative, probability
 from onnxprune.commands.base import ExitStatus, Log, Verb
 from onnxprune.errors import OnnxpruneError
 from onnxprune.layouts import SCOPES
@@ -23,18 +23,11 @@ EXAMPLES = """\
   onnxprune prune model.onnx --stats stats.safetensors --pattern duo --density 0.35 -o duo.onnx"""
 
 
-def density(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="dense .onnx (the one calibrated)")
     p.add_argument("--stats", required=True, help="statistics from `onnxprune calibrate`")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--density", "-d", type=density,
+    budget.add_argument("--density", "-d", type=kept_share,
                         help="kept share of the blocks dense attention computes on the calibration inputs, in (0, 1]")
     budget.add_argument("--sparsity", "-p", type=probability, help="the same as --density 1-p, p in [0, 1)")
     how = p.add_mutually_exclusive_group()
