@@ -104,17 +104,20 @@ def gemm_model() -> bytes:
     return _model([helper.make_node("MatMul", ["A", "B"], ["Y"])], _float_inputs("AB"))
 
 
-def session(model: bytes, threads: int, with_library: bool = False) -> ort.InferenceSession:
-    options = session_options(threads, with_library)
+def session(model: bytes, threads: int, with_library: bool = False, library: str | None = None) -> ort.InferenceSession:
+    """``with_library``: this package's op library; ``library``: another build's, instead."""
+    options = session_options(threads, with_library and library is None)
+    if library is not None:
+        options.register_custom_ops_library(library)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No spinning: contestants alternate, and a spinning pool would steal the next one's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def layout_with(kept: float, blocks: int, rng) -> np.ndarray:
-    """Diagonal blocks plus random others, so that about `kept` of all blocks are kept."""
-    layout = rng.random((HEADS, blocks, blocks)) < max(kept - 1 / blocks, 0) / (1 - 1 / blocks)
+def layout_with(kept: float, blocks: int, rng, heads: int = HEADS) -> np.ndarray:
+    """Per head the diagonal blocks plus random others, so that about `kept` of all blocks are kept."""
+    layout = rng.random((heads, blocks, blocks)) < max(kept - 1 / blocks, 0) / (1 - 1 / blocks)
     layout[:, np.arange(blocks), np.arange(blocks)] = True
     return layout.astype(np.uint8)
 
@@ -318,20 +321,6 @@ def decode_bsa_model(block: int) -> bytes:
     return _model([node], inputs, extra_opsets=[("onnxprune", 2)])
 
 
-def library_session(model: bytes, threads: int, library: str) -> ort.InferenceSession:
-    options = session_options(threads, with_library=False)
-    options.register_custom_ops_library(library)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def decode_layout(kept: float, blocks: int, rng) -> np.ndarray:
-    """Per query head its own random key blocks (the diagonal always), about `kept` of each row."""
-    layout = rng.random((DECODE_HEADS, blocks, blocks)) < max(kept - 1 / blocks, 0) / (1 - 1 / blocks)
-    layout[:, np.arange(blocks), np.arange(blocks)] = True
-    return layout.astype(np.uint8)
-
-
 def group_kept_blocks(layout: np.ndarray, sk: int, sq: int, block: int) -> int:
     """Key blocks a step reads, summed over KV heads: those some query head of the group keeps
     in the block rows of the queries (the decode path reads each once per KV head)."""
@@ -384,7 +373,7 @@ def decode_table(args) -> None:
         bsa = session(decode_bsa_model(block), threads, with_library=True)
         previous = None
         if args.previous_library:
-            previous = library_session(decode_bsa_model(block), threads, args.previous_library)
+            previous = session(decode_bsa_model(block), threads, library=args.previous_library)
         for sk in args.seq:
             blocks = -(-sk // block)
             for sq in args.queries:
@@ -394,7 +383,7 @@ def decode_table(args) -> None:
                            "V": rng.standard_normal((1, DECODE_KV_HEADS, sk, d)).astype(np.float32)}
                           for _ in range(layers)]
                 for kept in args.kept:
-                    layout = decode_layout(kept, blocks, np.random.default_rng([sk, sq, round(kept * 1000)]))
+                    layout = layout_with(kept, blocks, np.random.default_rng([sk, sq, round(kept * 1000)]), DECODE_HEADS)
                     feeds = [dict(c, layout=layout) for c in copies]
                     out = bsa.run(None, feeds[0])[0]
                     if previous is not None:
