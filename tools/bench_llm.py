@@ -453,6 +453,7 @@ def profile_rows(args, models, prompts, rows, meta) -> None:
 
 def ppl_rows(args, models, workers, windows, rows, meta) -> None:
     from onnxprune.generate import CausalLM
+    from onnxprune.lm_scores import token_nll
 
     for m in [m for m in PPL_MODELS if m in args.models]:
         if has(rows, kind="ppl", model=m) or (m == LLAMA and m not in workers):
@@ -466,20 +467,10 @@ def ppl_rows(args, models, workers, windows, rows, meta) -> None:
                 nll, tokens = nll + reply["nll"], tokens + reply["tokens"]
             else:
                 logits, _ = lm.step(window[None], np.ones((1, len(window)), np.int64), lm.empty_cache(1))
-                nll, tokens = nll + token_nll(logits[0, :-1], window[1:]), tokens + len(window) - 1
+                nll, tokens = nll + float(token_nll(logits[0], window).sum()), tokens + len(window) - 1
         rows.append({"kind": "ppl", "model": m, "windows": len(windows), "length": len(windows[0]),
                      "nll_per_token": nll / tokens, "perplexity": float(np.exp(nll / tokens))})
         save_rows(args.json, meta, rows)
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray, chunk: int = 256) -> float:
-    total = 0.0
-    for start in range(0, len(targets), chunk):
-        block = logits[start:start + chunk].astype(np.float64)
-        top = block.max(-1, keepdims=True)
-        logz = np.log(np.exp(block - top).sum(-1)) + top[:, 0]
-        total += float((logz - block[np.arange(len(block)), targets[start:start + chunk]]).sum())
-    return total
 
 
 # ---- the tables
