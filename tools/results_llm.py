@@ -190,7 +190,10 @@ def _figures(rows: list[dict], length: int, figures: Path) -> list[str]:
     pruned = [r for r in at if r.get("method") not in (None, "dense")]
     if not pruned:
         return []
-    methods = list(dict.fromkeys(r["method"] for r in pruned))
+    # A fixed order, so that a method has the same colour and marker in every figure.
+    from eval_lm import METHODS
+
+    methods = sorted({r["method"] for r in pruned}, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
     dense = [r for r in at if r.get("method") == "dense"]
     x_label = f"kept share of the causal blocks at {length} tokens"
 
